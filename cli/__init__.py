@@ -1,0 +1,1 @@
+"""The ``momkd`` command line."""

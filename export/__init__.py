@@ -1,0 +1,1 @@
+"""Freeze a trained momkd run into a deployable model folder (ONNX, TensorRT)."""

@@ -1,0 +1,1 @@
+"""Models (PyTorch): the graph encoder, class memory, memory-guided attention head, MoMKD and ABMIL."""

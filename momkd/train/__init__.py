@@ -1,0 +1,1 @@
+"""Training (PyTorch): datasets, sampling, the fit loop and cross-validated runs."""

@@ -1,0 +1,1 @@
+"""Lean batched inference over a folder of .h5 feature files; works without PyTorch."""
