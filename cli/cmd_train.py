@@ -1,0 +1,118 @@
+"""``momkd train`` and ``momkd evaluate``."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from momkd.errors import MomkdError
+
+console = Console(stderr=True)
+
+
+class Preset(str, Enum):
+    paper = "paper"
+    official = "official"
+
+
+class ModelName(str, Enum):
+    momkd = "momkd"
+    abmil = "abmil"
+
+
+class MemoryUpdate(str, Enum):
+    gradient = "gradient"
+    ema = "ema"
+    fixed = "fixed"
+
+
+class GatImpl(str, Enum):
+    dense = "dense"
+    pyg = "pyg"
+
+
+CohortOpt = Annotated[Path, typer.Option("--cohort", help="Cohort CSV: case_id, slide_id, label column.", exists=True, dir_okay=False)]
+FeaturesOpt = Annotated[Path, typer.Option("--features", help="Folder of per-slide .h5 feature files.", exists=True, file_okay=False)]
+LabelOpt = Annotated[str, typer.Option("--label-col", help="Name of the label column in the cohort CSV.")]
+PositiveOpt = Annotated[str, typer.Option("--positive", help="Label value that counts as positive (case-insensitive).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+
+
+def train(
+    cohort: CohortOpt,
+    features: FeaturesOpt,
+    label_col: LabelOpt,
+    positive: PositiveOpt,
+    out: Annotated[Path, typer.Option("--out", help="Run folder to create.")],
+    omics: Annotated[Optional[Path], typer.Option("--omics", help="Omics: folder of per-case .npy or a CSV/TSV matrix with case_id.", exists=True)] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds (train/val/test 7:1:2 per fold for 5).", min=2)] = 5,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs per fold (default 50).", min=1)] = None,
+    preset: Annotated[Preset, typer.Option(help="paper: the paper's settings; official: the authors' released code.")] = Preset.paper,
+    model: Annotated[ModelName, typer.Option(help="momkd, or the histology-only ABMIL baseline.")] = ModelName.momkd,
+    seed: Annotated[int, typer.Option(help="Random seed (splits, initialisation, sampling).")] = 0,
+    device: DeviceOpt = "auto",
+    memory_size: Annotated[Optional[int], typer.Option(help="Codes per class memory bank (default 16).", min=1)] = None,
+    memory_update: Annotated[Optional[MemoryUpdate], typer.Option(help="gradient (paper), ema (momentum m) or fixed.")] = None,
+    ema_momentum: Annotated[Optional[float], typer.Option(help="Momentum m of the EMA memory update.", min=0.0, max=1.0)] = None,
+    alpha_omics: Annotated[Optional[float], typer.Option(help="Weight of the omics alignment (0 = ablation).", min=0.0)] = None,
+    alpha_wsi: Annotated[Optional[float], typer.Option(help="Weight of the WSI alignment (0 = ablation).", min=0.0)] = None,
+    no_recon: Annotated[bool, typer.Option("--no-recon", help="Ablation: drop the omics reconstruction loss.")] = False,
+    gat_impl: Annotated[Optional[GatImpl], typer.Option(help="dense (fast, exportable) or pyg (torch-geometric GATv2Conv).")] = None,
+    n_genes: Annotated[int, typer.Option(help="Top-variance genes kept (fitted on each fold's training cases).", min=1)] = 768,
+    genes: Annotated[Optional[Path], typer.Option(help="Text file with one gene per line, instead of top-variance selection.", exists=True, dir_okay=False)] = None,
+    no_log2: Annotated[bool, typer.Option("--no-log2", help="Omics are already log-transformed.")] = False,
+    splits: Annotated[Optional[Path], typer.Option(help="Reuse the splits folder of an earlier run.", exists=True, file_okay=False)] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs (default 10).", min=1)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 2e-4).")] = None,
+) -> None:
+    """Train MoMKD (or ABMIL) with cross-validation. Validates the whole cohort first and refuses bad data."""
+    from momkd.train.setup import build_configs, load_training_data
+    from momkd.train.run import OmicsOptions, train_run
+
+    try:
+        model_cfg, loss_cfg, train_cfg = build_configs(
+            preset.value, model=model.value, epochs=epochs, folds=folds, seed=seed, device=device,
+            memory_size=memory_size, memory_update=memory_update.value if memory_update else None,
+            ema_momentum=ema_momentum, alpha_omics=alpha_omics, alpha_wsi=alpha_wsi, no_recon=no_recon,
+            gat_impl=gat_impl.value if gat_impl else None, patience=patience, lr=lr,
+        )
+        data = load_training_data(cohort, features, omics if model == ModelName.momkd else None, label_col, positive,
+                                  folds=folds, console=console)
+        gene_list = [g.strip() for g in genes.read_text().splitlines() if g.strip()] if genes else None
+        summary = train_run(data, out, model_cfg, loss_cfg, train_cfg,
+                            OmicsOptions(log2=not no_log2, n_genes=n_genes, genes=gene_list), preset.value,
+                            splits_dir=splits, console=console)
+    except MomkdError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    m, s = summary["mean"], summary["std"]
+    console.print(f"[bold]{model.value}[/bold] test AUC {m['auc']:.3f} ± {s['auc']:.3f}, ACC {m['acc']:.3f} ± {s['acc']:.3f}, "
+                  f"F1 {m['f1']:.3f} ± {s['f1']:.3f} → {out}/summary.md")
+
+
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished `momkd train` run folder.", exists=True, file_okay=False)],
+    cohort: CohortOpt,
+    features: FeaturesOpt,
+    label_col: LabelOpt,
+    positive: PositiveOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.csv and metrics.json.")],
+    device: DeviceOpt = "auto",
+) -> None:
+    """Evaluate a run on a cohort from histology alone: every fold model and their mean."""
+    from momkd.evaluate import evaluate_run
+    from momkd.train.setup import load_training_data
+
+    try:
+        data = load_training_data(cohort, features, None, label_col, positive, folds=1, console=console)
+        metrics = evaluate_run(run_dir, data, out, device=device)
+    except MomkdError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    mm = metrics["mean_model"]
+    console.print(f"mean of {len(metrics['folds'])} fold models: AUC {mm['auc']:.3f}, ACC {mm['acc']:.3f}, F1 {mm['f1']:.3f} "
+                  f"→ {out}/predictions.csv")

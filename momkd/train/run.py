@@ -1,0 +1,204 @@
+"""Cross-validated training run: splits, per-fold omics transform and training, the run folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import momkd
+from momkd.config import LossConfig, ModelConfig
+from momkd.data.cohort import Cohort, Split, load_splits, make_splits, save_splits
+from momkd.data.omics import OmicsTable, OmicsTransform
+from momkd.errors import RunFolderError
+from momkd.losses import MoMKDLoss
+from momkd.metrics import best_threshold, binary_metrics, mean_std
+from momkd.models import build_model
+from momkd.train.checkpoint import save_checkpoint
+from momkd.train.config import TrainConfig
+from momkd.train.data import SlideStore
+from momkd.train.fit import FoldTrainer, resolve_device
+from momkd.train.predict import SlideLabel, case_level, predict_slides
+
+METRIC_KEYS = ("auc", "acc", "f1")
+
+
+@dataclass
+class TrainingData:
+    """A validated cohort ready for training."""
+
+    cohort: Cohort
+    slide_paths: dict[str, Path]
+    omics: OmicsTable | None
+    feature_dim: int
+    encoder: str | None
+    sources: dict[str, str]  # cohort / features / omics paths, label column, positive value (for config.json)
+
+    def items(self, cases: Sequence[str]) -> list[SlideLabel]:
+        """Every slide of ``cases`` with its case's label."""
+        return [
+            SlideLabel(slide_id, case, self.cohort.labels[case])
+            for case in cases
+            for slide_id in self.cohort.slides[case]
+        ]
+
+
+@dataclass
+class OmicsOptions:
+    """How raw omics become model input (fitted on each fold's training cases only)."""
+
+    log2: bool = True
+    n_genes: int = 768
+    genes: list[str] | None = None
+
+
+def train_run(
+    data: TrainingData,
+    out_dir: Path,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    omics_opts: OmicsOptions,
+    preset: str,
+    splits_dir: Path | None = None,
+    only_folds: Sequence[int] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Train every fold and write the run folder (layout in docs/ARCHITECTURE.md). Returns the summary."""
+    console = console or Console(stderr=True)
+    if (out_dir / "summary.json").exists():
+        raise RunFolderError(f"{out_dir}: already holds a finished run; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uses_omics = model_cfg.model == "momkd"
+    if uses_omics and data.omics is None:
+        raise RunFolderError("MoMKD needs paired omics for training: pass --omics (or use --model abmil)")
+
+    cases = list(data.cohort.cases)
+    labels = [data.cohort.labels[c] for c in cases]
+    splits = load_splits(splits_dir) if splits_dir else make_splits(cases, labels, folds=train_cfg.folds, seed=train_cfg.seed)
+    save_splits(splits, out_dir / "splits", data.cohort.labels)
+    _write_json(out_dir / "config.json", {
+        "momkd_version": momkd.__version__,
+        "preset": preset,
+        "data": data.sources,
+        "class_names": list(data.cohort.class_names),
+        "feature_dim": data.feature_dim,
+        "encoder": data.encoder,
+        "model": model_cfg.to_dict(),
+        "loss": loss_cfg.to_dict(),
+        "train": train_cfg.to_dict(),
+        "omics_transform": {"log2": omics_opts.log2, "n_genes": omics_opts.n_genes, "genes": omics_opts.genes},
+    })
+
+    device = resolve_device(train_cfg.device)
+    store = SlideStore(data.slide_paths, k=model_cfg.k, direction=model_cfg.graph_direction,
+                       expected_dim=data.feature_dim, cache_bytes=int(train_cfg.cache_gb * (1 << 30)))
+    fold_ids = list(only_folds) if only_folds is not None else list(range(len(splits)))
+    fold_records = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epoch {task.fields[epoch]}"),
+                  TimeElapsedColumn(), console=console, transient=False, disable=not console.is_terminal) as progress:
+        for fold in fold_ids:
+            split = splits[fold]
+            train_items, val_items, test_items = data.items(split.train), data.items(split.val), data.items(split.test)
+            fold_dir = out_dir / f"fold_{fold}"
+            fold_dir.mkdir(exist_ok=True)
+            omics_by_case: dict[str, np.ndarray] = {}
+            omics_dim = 0
+            if uses_omics:
+                transform = OmicsTransform(log2=omics_opts.log2, n_genes=omics_opts.n_genes, genes=omics_opts.genes)
+                transform.fit(data.omics, list(split.train))
+                transform.save(fold_dir / "omics_transform.json")
+                vectors = transform.transform(data.omics, list(split.train))
+                omics_by_case = dict(zip(split.train, vectors))
+                omics_dim = vectors.shape[1]
+
+            torch.manual_seed(train_cfg.seed * 1000 + fold)
+            rng = np.random.default_rng([train_cfg.seed, fold])
+            model = build_model(model_cfg, data.feature_dim, omics_dim)
+            task = progress.add_task(f"fold {fold}", total=train_cfg.epochs * len(train_items), epoch=0)
+            trainer = FoldTrainer(model, MoMKDLoss(loss_cfg), store, omics_by_case, train_cfg, device,
+                                  on_step=lambda t=task: progress.update(t, advance=1),
+                                  on_epoch=lambda e, t=task: progress.update(t, epoch=e))
+            fit = trainer.fit(train_items, val_items, rng)
+            progress.update(task, completed=train_cfg.epochs * len(train_items))
+
+            val_probs = predict_slides(trainer.model, store, [it.slide_id for it in val_items], device)
+            test_probs = predict_slides(trainer.model, store, [it.slide_id for it in test_items], device)
+            _, val_y, val_p = case_level(val_items, val_probs)
+            test_cases, test_y, test_p = case_level(test_items, test_probs)
+            threshold = best_threshold(val_y, val_p)
+            record = {
+                "fold": fold,
+                "threshold": threshold,
+                "best_epoch": fit.best_epoch,
+                "epochs_run": len(fit.history),
+                "val": binary_metrics(val_y, val_p, threshold),
+                "test": binary_metrics(test_y, test_p, threshold),
+            }
+            fold_records.append(record)
+            save_checkpoint(fold_dir, fit.best_state, {
+                "momkd_version": momkd.__version__,
+                "fold": fold,
+                "preset": preset,
+                "model_config": model_cfg.to_dict(),
+                "in_dim": data.feature_dim,
+                "omics_dim": omics_dim,
+                "class_names": list(data.cohort.class_names),
+                "encoder": data.encoder,
+                "threshold": threshold,
+            })
+            _write_json(fold_dir / "metrics.json", record)
+            _write_rows(fold_dir / "history.csv", fit.history)
+            _write_rows(fold_dir / "test_predictions.csv", [
+                {"slide_id": it.slide_id, "case_id": it.case_id, "label": it.label, "probability": p}
+                for it, p in zip(test_items, test_probs)
+            ])
+            console.print(
+                f"fold {fold}: best epoch {fit.best_epoch}/{len(fit.history)}, "
+                f"val AUC {record['val']['auc']:.3f}, test AUC {record['test']['auc']:.3f} "
+                f"ACC {record['test']['acc']:.3f} F1 {record['test']['f1']:.3f} ({len(test_cases)} test cases)"
+            )
+
+    mean, std = mean_std([r["test"] for r in fold_records], keys=METRIC_KEYS)
+    summary = {"model": model_cfg.model, "preset": preset, "folds": fold_records, "mean": mean, "std": std}
+    _write_json(out_dir / "summary.json", summary)
+    (out_dir / "summary.md").write_text(summary_markdown(summary))
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The run's test metrics per fold and mean ± std (as the paper's Table 1), in percent."""
+    lines = [
+        f"# {summary['model']} ({summary['preset']} preset): test metrics, threshold chosen on validation",
+        "",
+        "| fold | threshold | AUC (%) | ACC (%) | F1 (%) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in summary["folds"]:
+        t = r["test"]
+        lines.append(f"| {r['fold']} | {r['threshold']:.3f} | {100 * t['auc']:.1f} | {100 * t['acc']:.1f} | {100 * t['f1']:.1f} |")
+    m, s = summary["mean"], summary["std"]
+    lines.append("| **mean ± std** | | " + " | ".join(f"**{100 * m[k]:.1f} ± {100 * s[k]:.1f}**" for k in METRIC_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=float))
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    fieldnames: list[str] = []
+    for row in rows:
+        fieldnames += [k for k in row if k not in fieldnames]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
