@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import typer
 
+from momkd.cli import cmd_demo, cmd_infer, cmd_train
+from momkd.cli import cmd_export
+from momkd.cli import cmd_data
+
 app = typer.Typer(
     name="momkd",
     help="MoMKD: train with histology + RNA, predict genomic biomarkers from histology alone.",
@@ -18,6 +22,15 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """MoMKD: train with histology + RNA, predict genomic biomarkers from histology alone."""
+
+
+app.command("validate")(cmd_data.validate)
+app.command("synth")(cmd_data.synth)
+app.command("train")(cmd_train.train)
+app.command("evaluate")(cmd_train.evaluate)
+app.command("demo")(cmd_demo.demo)
+app.command("infer")(cmd_infer.infer)
+app.command("export")(cmd_export.export)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -42,7 +42,7 @@ def build_configs(
                   "ema_momentum": ema_momentum, "gat_impl": gat_impl}
     loss_over = {"alpha_omics": alpha_omics, "alpha_wsi": alpha_wsi}
     if no_recon:
-        loss_over["lambda_mse"] = 0.0
+        loss_over["reconstruction"] = False
     model_cfg = dataclasses.replace(model_cfg, **{k: v for k, v in model_over.items() if v is not None})
     loss_cfg = dataclasses.replace(loss_cfg, **{k: v for k, v in loss_over.items() if v is not None})
     train_cfg = TrainConfig(folds=folds, seed=seed, device=device)

@@ -1,0 +1,85 @@
+"""One MoMKD training step (forward + losses + backward + AdamW) on one slide, vs the fp32 matmul roofline.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the same step (matmuls and the other ops
+it knows); the roofline is the throughput of (20000 x 1536) @ (1536 x 768) measured in the same run, as in
+the authors' code measurements (shared/reference/official-code.md). Run:
+
+    python -m pytest benchmarks/test_bench_train_step.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from momkd.config import preset
+from momkd.graph import neighbor_table
+from momkd.losses import MoMKDLoss
+from momkd.models import build_model
+
+IN_DIM = 1536
+GENES = 768
+
+
+def matmul_roofline_gflops(repeats: int = 5) -> float:
+    """Median fp32 GFLOP/s of (20000 x 1536) @ (1536 x 768) on this machine, now."""
+    a, b = torch.randn(20000, IN_DIM), torch.randn(IN_DIM, 768)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * 20000 * IN_DIM * 768 / float(np.median(times)) / 1e9
+
+
+def grid_coords(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 2) int64 TRIDENT-like patch grid (256-px patches on a square region with holes)."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n / 0.8)))
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2)
+    keep = rng.permutation(len(grid))[:n]
+    return grid[np.sort(keep)].astype(np.int64) * 256
+
+
+@pytest.mark.parametrize("preset_name", ["paper", "official"])
+@pytest.mark.parametrize("n_patches", [8000, 20000])
+def test_train_step(benchmark, preset_name: str, n_patches: int) -> None:
+    torch.manual_seed(0)
+    model_cfg, loss_cfg = preset(preset_name)
+    model = build_model(model_cfg, IN_DIM, GENES).train()
+    loss_fn = MoMKDLoss(loss_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
+    coords = grid_coords(n_patches)
+    neighbors = torch.from_numpy(neighbor_table(coords, k=model_cfg.k, direction=model_cfg.graph_direction))
+    features = torch.randn(n_patches, IN_DIM)
+    omics = torch.randn(1, GENES)
+    label = torch.tensor([1])
+
+    def step() -> None:
+        out = model(features, neighbors, omics, label)
+        losses = loss_fn(out, label, omics, model.memory)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+
+    step()  # warm-up
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
+    roofline = matmul_roofline_gflops()
+    seconds = benchmark.stats.stats.median
+    achieved = flops / seconds / 1e9
+    benchmark.extra_info.update(
+        n_patches=n_patches, preset=preset_name, gflop_per_step=flops / 1e9, achieved_gflops=achieved,
+        roofline_gflops=roofline, roofline_fraction=achieved / roofline, threads=torch.get_num_threads(),
+        machine=f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+    )
+    print(f"\n{preset_name} N={n_patches}: {seconds * 1e3:.0f} ms/step, {flops / 1e9:.1f} GFLOP, "
+          f"{achieved:.1f} GFLOP/s = {100 * achieved / roofline:.0f}% of {roofline:.1f} GFLOP/s roofline")

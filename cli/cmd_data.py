@@ -1,0 +1,86 @@
+"""``momkd validate`` and ``momkd synth``: check a cohort, or write a synthetic one."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from momkd.errors import MomkdError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def validate(
+    cohort: Annotated[Path, typer.Option("--cohort", help="Cohort CSV: case_id, slide_id, label column.")],
+    features: Annotated[Path, typer.Option("--features", help="Folder of per-slide .h5 feature files ({slide_id}.h5).")],
+    label_col: Annotated[str, typer.Option("--label-col", help="Name of the label column in the cohort CSV.")],
+    positive: Annotated[str, typer.Option("--positive", help="Label value that counts as positive (case-insensitive).")],
+    omics: Annotated[Optional[Path], typer.Option("--omics", help="Omics: folder of per-case .npy or a CSV/TSV matrix with case_id.")] = None,
+    folds: Annotated[int, typer.Option(help="Planned cross-validation folds (checks each class has enough cases).", min=2)] = 5,
+    no_omics: Annotated[bool, typer.Option("--no-omics", help="Histology only: do not load or require omics.")] = False,
+) -> None:
+    """Check a cohort and list every problem, one line each (exit 2 if there is any)."""
+    from rich.progress import Progress
+
+    from momkd.data.validate import validate_cohort
+
+    try:
+        with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+            task = bar.add_task("reading slides", total=None)
+            report = validate_cohort(cohort, features, None if no_omics else omics, label_col, positive, folds=folds,
+                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except MomkdError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if not report.ok:
+        for problem in report.problems:
+            out.print(str(problem), markup=False, highlight=False, soft_wrap=True)
+        err.print(f"[red]{len(report.problems)} problem(s)[/red] in {escape(str(cohort))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+    s = report.summary
+    table = Table(title=f"{escape(str(cohort))}: ok", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("cases", str(s["cases"]))
+    table.add_row("slides", str(s["slides"]))
+    table.add_row("classes", ", ".join(f"{name}: {n}" for name, n in s["classes"].items()))
+    table.add_row("patches per slide", f"min {s['patches']['min']}, median {s['patches']['median']:g}, max {s['patches']['max']}")
+    table.add_row("feature dim", str(s["feature_dim"]) + (f" ({s['encoder']})" if s["encoder"] else ""))
+    table.add_row("omics genes", "not checked" if s["genes"] is None else str(s["genes"]))
+    if s["unlisted_files"]:
+        table.add_row("unlisted .h5 files", f"{s['unlisted_files']} (not in the cohort table, ignored)")
+    out.print(table)
+
+
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write cohort.csv, features/ and omics.csv into.")],
+    cases: Annotated[int, typer.Option(help="Number of cases (about 40 % positive).", min=10)] = 60,
+    feature_dim: Annotated[int, typer.Option(help="Patch feature dimension.", min=2)] = 64,
+    genes: Annotated[int, typer.Option(help="Number of omics genes.", min=8)] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed (the same seed writes the same files).")] = 0,
+) -> None:
+    """Write a synthetic paired cohort in the real formats (TRIDENT .h5, omics CSV, cohort CSV)."""
+    from momkd.synth import make_synthetic_cohort
+
+    try:
+        made = make_synthetic_cohort(out_dir, cases=cases, feature_dim=feature_dim, genes=genes, seed=seed)
+    except OSError as e:
+        err.print(f"[red]error:[/red] cannot write to {escape(str(out_dir))}: {escape(str(e.strerror or e))}", highlight=False)
+        raise typer.Exit(2) from None
+    data = " ".join(shlex.quote(str(x)) for x in (
+        "--cohort", made.cohort_csv, "--features", made.features_dir, "--omics", made.omics_path,
+        "--label-col", made.label_col, "--positive", made.positive))
+    out.print(f"cohort table:   {made.cohort_csv}\nslide features: {made.features_dir}\nomics:          {made.omics_path}",
+              markup=False, highlight=False, soft_wrap=True)
+    out.print("next:", highlight=False)
+    out.print(f"  momkd validate {data}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"  momkd train {data} --out {shlex.quote(str(Path(out_dir) / 'run'))}", markup=False, highlight=False,
+              soft_wrap=True)

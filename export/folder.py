@@ -1,0 +1,239 @@
+"""``export_run``: a finished training run -> a deployable, self-verified model folder.
+
+Folder layout::
+
+    MODEL_DIR/model.onnx      single-file ONNX graph (fp32, or fp16 matmuls with fp32 I/O for --fp16)
+    MODEL_DIR/model.pt        TorchScript twin (torch.jit.trace of the same fp32 frozen module), for the torch backend
+    MODEL_DIR/model.plan      TensorRT engine (--format trt) + timing.cache beside it
+    MODEL_DIR/manifest.json   what the runtime needs to trust and run the folder (momkd.manifest)
+
+The folder is assembled in a temporary sibling folder and moved into place only after verification passed,
+so a failed export never leaves a half-written model folder behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from momkd.errors import MomkdError, RunFolderError
+
+ONNX_NAME = "model.onnx"
+TORCH_NAME = "model.pt"
+FORMATS = ("onnx", "trt")
+
+
+class ModelDirExistsError(MomkdError):
+    """The output folder already holds something and overwriting was not asked for."""
+
+
+def _parse_fold(fold: int | str | None) -> int | None:
+    if fold is None or (isinstance(fold, str) and fold.strip().lower() == "all"):
+        return None
+    try:
+        value = int(fold)
+    except (TypeError, ValueError):
+        raise RunFolderError(f"--fold must be 'all' or a fold number, got {fold!r}") from None
+    if value < 0:
+        raise RunFolderError(f"--fold must be 'all' or a fold number >= 0, got {value}")
+    return value
+
+
+def _cv_metrics(run: Any) -> dict[str, Any]:
+    summary = run.summary
+    out: dict[str, Any] = {"mean": summary.get("mean", {}), "std": summary.get("std", {}),
+                           "n_folds": len(summary.get("folds", []))}
+    per_fold = {}
+    for fold in run.folds:
+        record = run.fold_records.get(fold)
+        if record:
+            per_fold[str(fold)] = {"threshold": record.get("threshold"), "val": record.get("val"),
+                                   "test": record.get("test")}
+    out["folds"] = per_fold
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publishable(folder: Path) -> None:
+    """Ordinary permissions (0755 folder, 0644 files under the usual umask): the temporary folder and the atomic
+    manifest write start private, but a model folder is meant to be read by the service that runs it."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
+
+
+def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ModelDirExistsError(f"{out_dir}: exists and is not a folder")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise ModelDirExistsError(f"{out_dir}: folder is not empty; choose another --out or pass --overwrite")
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    fmt: str = "onnx",
+    fold: int | str | None = "all",
+    fp16: bool = False,
+    opset: int = 18,
+    *,
+    overwrite: bool = False,
+    max_slides: int = 4,
+    max_rows: int = 30000,
+    profile: Any = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Freeze ``run_dir`` (every fold, or fold ``fold``) into ``out_dir``; returns the manifest written.
+
+    ``fmt="trt"`` additionally builds a TensorRT engine from the same ONNX graph; without TensorRT it raises
+    ``TensorRTUnavailableError`` after the ONNX folder has been written. Raises ``RunFolderError`` for a
+    missing/unfinished run, ``ExportError``/``ExportVerificationError`` when the graph breaks its contract.
+    """
+    import torch
+
+    from momkd.export.frozen import load_run, mixed_fp16
+    from momkd.export.onnx import check_graph, check_opset, export_onnx, trace_torchscript
+    from momkd.export.verify import load_verification_slides, verify_export
+    from momkd.manifest import load_manifest, write_manifest
+
+    say = log or (lambda msg: None)
+    if fmt not in FORMATS:
+        raise MomkdError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    which = _parse_fold(fold)
+    check_opset(opset)
+    _prepare_out(out_dir, overwrite)
+    t0 = time.perf_counter()
+    run = load_run(run_dir, "all" if which is None else which)
+    ensemble = run.ensemble()              # as trained: the reference
+    graph_ensemble = run.export_ensemble()  # dense GATv2 (the same module unless the run used PyG's layer)
+    say(f"loaded {len(run.models)} fold model(s) {run.folds} from {run_dir} "
+        f"({run.model_config.get('model', 'momkd')}, {run.preset} preset, k={run.k}, {run.graph_direction} graph)")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    try:
+        with torch.no_grad():
+            graph_module = graph_ensemble
+            if fp16:
+                graph_module = mixed_fp16(graph_ensemble)
+            t1 = time.perf_counter()
+            io = export_onnx(graph_module, work / ONNX_NAME, run.feature_dim, run.k, opset=opset)
+            graph_report = check_graph(work / ONNX_NAME, run.feature_dim)
+            say(f"exported {ONNX_NAME} (opset {graph_report['opset']}, {sum(graph_report['ops'].values())} nodes, "
+                f"{graph_report['bytes'] / 1e6:.1f} MB{', fp16 matmuls' if fp16 else ''}, "
+                f"{time.perf_counter() - t1:.1f} s)")
+            trace_torchscript(graph_ensemble, work / TORCH_NAME, run.feature_dim, run.k)
+            t1 = time.perf_counter()
+
+            slides, source, notes = load_verification_slides(
+                run_dir, run.config, run.folds, run.feature_dim, run.k, run.graph_direction,
+                max_slides=max_slides, max_rows=max_rows)
+            verification = verify_export(ensemble, work / ONNX_NAME, work / TORCH_NAME, slides, source, notes,
+                                         run.threshold, precision="fp16" if fp16 else "fp32")
+        verification["graph_ops"] = graph_report["ops"]
+        if fp16:
+            verification["fp16_method"] = ("every linear layer (F.linear) in fp16 with fp16 weights; GATv2 attention, "
+                                           "LayerNorm, softmax and per-slide pooling in fp32; I/O fp32")
+        for w in verification["warnings"]:
+            say(f"warning: {w}")
+        d = verification["onnx"]["max_abs_diff"]
+        say(f"verified on {verification['n_slides']} slides ({source.replace('_', ' ')}, {verification['n_rows']} rows): "
+            f"max |delta p| ONNX {d['probability']:.2e}, TorchScript "
+            f"{verification['torch']['max_abs_diff']['probability']:.2e}, "
+            f"decision flips {verification['onnx']['decision_flips']} ({time.perf_counter() - t1:.1f} s)")
+
+        manifest: dict[str, Any] = {
+            "model": {
+                "feature_dim": run.feature_dim,
+                "encoder": run.encoder,
+                "k": run.k,
+                "graph_direction": run.graph_direction,
+                "class_names": run.class_names,
+                "threshold": run.threshold,
+                "preset": run.preset,
+                "folds": list(run.folds),
+                "cv_metrics": _cv_metrics(run),
+                "architecture": run.model_config.get("model", "momkd"),
+                "ensemble": "mean of fold probabilities" if len(run.folds) > 1 else "single fold",
+                "source_run": str(run_dir.resolve()),
+                "gat_impl": "dense" + (" (converted from the PyG GATv2Conv weights the run trained)"
+                                       if run.converted_from_pyg else ""),
+            },
+            "onnx": {"file": ONNX_NAME, "opset": int(graph_report["opset"] or opset),
+                     "precision": "fp16" if fp16 else "fp32", "inputs": io["inputs"], "outputs": io["outputs"],
+                     "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}"},
+            "tensorrt": None,
+            "torch": {"file": TORCH_NAME, "format": "torchscript", "precision": "fp32"},
+            "verification": verification,
+        }
+        write_manifest(work, manifest)
+        _publishable(work)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    say(f"wrote {out_dir} ({time.perf_counter() - t0:.1f} s)")
+
+    if fmt == "trt":
+        _add_tensorrt(out_dir, run, ensemble, slides, fp16, profile, say)
+    return load_manifest(out_dir).raw
+
+
+def _add_tensorrt(out_dir: Path, run: Any, ensemble: Any, slides: list[Any], fp16: bool, profile: Any,
+                  say: Callable[[str], None]) -> dict[str, Any]:
+    """Build ``model.plan`` from the folder's ONNX graph, verify it on the same slides, update the manifest."""
+    from momkd.export.tensorrt import PLAN_NAME, build_engine, default_profile, engine_runner, require_tensorrt
+    from momkd.export.verify import (FP16_TOLERANCE, FP32_TOLERANCE, ExportVerificationError, compare, pack_slides,
+                                     torch_outputs)
+    from momkd.manifest import load_manifest, write_manifest
+
+    require_tensorrt(out_dir)
+    profile = profile or default_profile(run.k, run.graph_direction)
+    say(f"building TensorRT engine ({'fp16' if fp16 else 'fp32'}), profile {profile.to_dict()}")
+    t0 = time.perf_counter()
+    info = build_engine(out_dir / ONNX_NAME, out_dir / PLAN_NAME, run.feature_dim, profile, fp16=fp16,
+                        onnx_written_to=out_dir)
+    info["build_seconds"] = round(time.perf_counter() - t0, 1)
+    manifest = dict(load_manifest(out_dir, verify_checksums=False).raw)
+    verification = dict(manifest["verification"])
+
+    fits = [s for s in slides if s.n <= profile.rows[2] and s.neighbors.shape[1] <= profile.width[2]]
+    features, neighbors, offsets = pack_slides([(s.features, s.neighbors) for s in fits[: profile.slides[2]]])
+    reference = torch_outputs(ensemble, features, neighbors, offsets)
+    check = compare(reference, engine_runner(out_dir / PLAN_NAME)(features, neighbors, offsets),
+                    float(manifest["model"]["threshold"]))
+    tol = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    check.update({"precision": info["precision"], "backend": f"TensorRT {info['tensorrt_version']} on {info['device']}",
+                  "tolerance_probability": tol, "n_slides": len(offsets) - 1, "n_rows": int(offsets[-1])})
+    check["passed"] = bool(check["finite"] and check["max_abs_diff"]["probability"] <= tol)
+    if not check["passed"]:
+        (out_dir / PLAN_NAME).unlink(missing_ok=True)
+        raise ExportVerificationError(
+            f"TensorRT engine does not match the PyTorch model: max |delta probability| "
+            f"{check['max_abs_diff']['probability']:.3g} > {tol:g} (the ONNX model folder in {out_dir} is still valid)")
+    say(f"TensorRT engine verified: max |delta p| {check['max_abs_diff']['probability']:.2e}, "
+        f"decision flips {check['decision_flips']}")
+    verification["tensorrt"] = check
+    manifest["tensorrt"] = info
+    manifest["verification"] = verification
+    manifest["artifacts"] = [n for n in manifest.get("artifacts", {})] + [info["timing_cache"]]
+    write_manifest(out_dir, manifest)
+    _publishable(out_dir)
+    say(f"wrote {out_dir / PLAN_NAME} ({info['build_seconds']} s)")
+    return manifest

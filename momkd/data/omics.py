@@ -1,0 +1,295 @@
+"""Paired omics: loading (``.npy`` folder or CSV/TSV matrix) and the per-fold transform.
+
+``OmicsTransform`` turns raw expression into model input: log2(x + 1) (optional), gene selection (the top-N
+genes by variance, or a user list) and z-scoring. Selection and scaling are fitted on the training cases of
+a fold only, so validation and test cases never influence them; the fitted transform is saved as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from momkd.data.cohort import preview, read_table
+from momkd.errors import OmicsError
+
+STD_FLOOR = 1e-6
+_FORMAT = "momkd.omics_transform"
+_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class OmicsTable:
+    """Raw omics per case.
+
+    Attributes:
+        case_ids: C unique case ids (row order).
+        genes: G unique gene names (column order).
+        values: (C, G) float32, all finite.
+        source: where the table came from (used in error messages).
+    """
+
+    case_ids: list[str]
+    genes: list[str]
+    values: np.ndarray
+    source: str = "omics"
+    _row: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.values.shape != (len(self.case_ids), len(self.genes)):
+            raise ValueError(f"values have shape {self.values.shape}, "
+                             f"expected ({len(self.case_ids)}, {len(self.genes)})")
+        object.__setattr__(self, "_row", {c: i for i, c in enumerate(self.case_ids)})
+
+    def __contains__(self, case_id: object) -> bool:
+        return case_id in self._row
+
+    def rows(self, case_ids: Sequence[str]) -> np.ndarray:
+        """(len(case_ids), G) float32 raw values of these cases, in the given order."""
+        missing = [c for c in case_ids if c not in self._row]
+        if missing:
+            raise OmicsError(f"{self.source}: no omics for {len(missing)} case(s): {preview(missing)}")
+        return self.values[[self._row[c] for c in case_ids]]
+
+
+def load_omics(path: str | os.PathLike[str]) -> OmicsTable:
+    """Load omics from a folder of per-case ``.npy`` vectors or a CSV/TSV matrix.
+
+    Folder: every ``*.npy`` is one case (file stem = case id), a 1-D numeric vector; all vectors have the same
+    length G and genes are named ``g0`` .. ``g{G-1}``. Matrix: a ``case_id`` column and one numeric column per
+    gene (delimiter from the extension, ``.tsv`` tab, ``.csv`` comma, otherwise sniffed).
+
+    Raises:
+        OmicsError: one line naming the file and the problem (unreadable, wrong shape or length, non-numeric
+            value with its line and column, duplicate case or gene, NaN/Inf).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_npy_folder(path)
+    if not path.is_file():
+        raise OmicsError(f"{path}: not found")
+    return _load_matrix(path)
+
+
+def _load_npy_folder(folder: Path) -> OmicsTable:
+    files = sorted(folder.glob("*.npy"))
+    if not files:
+        raise OmicsError(f"{folder}: no .npy files in the omics folder")
+    vectors = []
+    for f in files:
+        try:
+            v = np.load(f, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise OmicsError(f"{f}: cannot read the .npy file ({' '.join(str(e).split())})") from None
+        if v.ndim != 1 or not (np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating)):
+            raise OmicsError(f"{f}: {v.dtype} array of shape {v.shape}, expected a 1-D numeric vector")
+        if vectors and len(v) != len(vectors[0]):
+            raise OmicsError(f"{f}: {len(v)} values, but {files[0].name} has {len(vectors[0])}")
+        with np.errstate(over="ignore"):
+            bad = np.flatnonzero(~np.isfinite(v.astype(np.float32)))
+        if bad.size:
+            raise OmicsError(f"{f}: {bad.size} NaN, Inf or out-of-range value(s) (first at index {bad[0]})")
+        vectors.append(v)
+    if len(vectors[0]) == 0:
+        raise OmicsError(f"{files[0]}: empty vector")
+    values = np.stack(vectors).astype(np.float32)
+    return OmicsTable([f.stem for f in files], [f"g{j}" for j in range(values.shape[1])], values, str(folder))
+
+
+def _load_matrix(path: Path) -> OmicsTable:
+    table = read_table(path, OmicsError)
+    if "case_id" not in table.header:
+        raise OmicsError(f"{path}: no case_id column (columns: {preview(table.header, 8)})")
+    i_case = table.header.index("case_id")
+    gene_cols = [j for j in range(len(table.header)) if j != i_case]
+    genes = [table.header[j] for j in gene_cols]
+    if not genes:
+        raise OmicsError(f"{path}: no gene columns besides case_id")
+    seen_gene: dict[str, int] = {}
+    for j, gene in zip(gene_cols, genes):
+        if not gene:
+            raise OmicsError(f"{path}: column {j + 1} has no name")
+        if gene in seen_gene:
+            raise OmicsError(f"{path}: gene column {gene!r} appears twice (columns {seen_gene[gene] + 1} and {j + 1})")
+        seen_gene[gene] = j
+    if not table.rows:
+        raise OmicsError(f"{path}: no data rows")
+
+    first_line: dict[str, int] = {}
+    values = np.empty((len(table.rows), len(genes)), dtype=np.float32)
+    for r, (line, cells) in enumerate(table.rows):
+        case = cells[i_case]
+        if not case:
+            raise OmicsError(f"{path}: line {line}: empty case_id")
+        if case in first_line:
+            raise OmicsError(f"{path}: line {line}: duplicate case {case} (first at line {first_line[case]})")
+        first_line[case] = line
+        raw = [cells[j] for j in gene_cols]
+        try:
+            row = np.array(raw, dtype=np.float64)
+        except ValueError:
+            j = next(j for j, v in enumerate(raw) if not _is_number(v))
+            raise OmicsError(f"{path}: line {line}, column {genes[j]}: non-numeric value {raw[j]!r}") from None
+        with np.errstate(over="ignore"):
+            values[r] = row
+    bad = np.argwhere(~np.isfinite(values))
+    if bad.size:
+        r, j = bad[0]
+        raise OmicsError(f"{path}: line {table.rows[r][0]}, column {genes[j]}: {table.rows[r][1][gene_cols[j]]!r} "
+                         f"is NaN, Inf or out of range ({len(bad)} such value(s) in all)")
+    return OmicsTable(list(first_line), genes, values, str(path))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class OmicsTransform:
+    """log2(x + 1) -> gene selection -> z-score, fitted on one set of cases (a fold's training cases).
+
+    Args:
+        log2: apply log2(x + 1) to raw values (they must be non-negative); off for data already logged.
+        n_genes: keep the ``n_genes`` genes of highest variance (of the log2 values, over the fitting cases;
+            ties by table order); all genes when the table has fewer.
+        genes: keep exactly these genes, in this order, instead of selecting by variance.
+
+    After ``fit``: ``selected`` (gene names, table order for variance selection), ``mean`` and ``std``
+    (float64, one per selected gene, std floored at 1e-6).
+    """
+
+    def __init__(self, log2: bool = True, n_genes: int = 768, genes: Sequence[str] | None = None) -> None:
+        if n_genes < 1:
+            raise ValueError(f"n_genes must be >= 1, got {n_genes}")
+        self.log2 = bool(log2)
+        self.n_genes = int(n_genes)
+        self.genes = list(genes) if genes is not None else None
+        self.selected: list[str] | None = None
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+        self.n_fit_cases = 0
+
+    @property
+    def fitted(self) -> bool:
+        return self.selected is not None
+
+    @property
+    def n_features(self) -> int:
+        """Length of each transformed vector (the model's omics input size)."""
+        self._require_fitted()
+        return len(self.selected)
+
+    def fit(self, table: OmicsTable, case_ids: Sequence[str]) -> OmicsTransform:
+        """Fit selection and scaling on ``case_ids`` only (no other row of ``table`` is looked at)."""
+        if len(case_ids) == 0:
+            raise OmicsError(f"{table.source}: cannot fit the omics transform on zero cases")
+        if self.genes is not None:
+            columns = self._columns(table, self.genes, "gene list")
+            x = self._prepare(table, case_ids, columns)
+        else:
+            x = self._prepare(table, case_ids, np.arange(len(table.genes)))
+            top = np.argsort(-x.var(axis=0), kind="stable")[: self.n_genes]
+            columns = np.sort(top)
+            x = x[:, columns]
+        self.selected = [table.genes[j] for j in columns]
+        self.mean = x.mean(axis=0)
+        self.std = np.maximum(x.std(axis=0), STD_FLOOR)
+        self.n_fit_cases = len(case_ids)
+        return self
+
+    def transform(self, table: OmicsTable, case_ids: Sequence[str]) -> np.ndarray:
+        """(len(case_ids), n_features) float32 model input for these cases (rows in the given order)."""
+        self._require_fitted()
+        x = self._prepare(table, case_ids, self._columns(table, self.selected, "fitted transform"))
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def _prepare(self, table: OmicsTable, case_ids: Sequence[str], columns: np.ndarray) -> np.ndarray:
+        """Raw values of these cases and columns as float64, log2(x + 1)-transformed when ``log2``."""
+        x = table.rows(case_ids)[:, columns].astype(np.float64)
+        if not self.log2:
+            return x
+        negative = np.argwhere(x < 0)
+        if negative.size:
+            r, j = negative[0]
+            raise OmicsError(f"{table.source}: negative value {x[r, j]:g} (case {case_ids[r]}, gene "
+                             f"{table.genes[columns[j]]}) cannot be log2(x+1)-transformed; use --no-log2 if the "
+                             f"values are already log-scaled")
+        return np.log2(x + 1.0)
+
+    @staticmethod
+    def _columns(table: OmicsTable, genes: Sequence[str], what: str) -> np.ndarray:
+        index = {g: j for j, g in enumerate(table.genes)}
+        unknown = [g for g in genes if g not in index]
+        if unknown:
+            raise OmicsError(f"{table.source}: {len(unknown)} gene(s) of the {what} not in the omics table: "
+                             f"{preview(unknown)}")
+        repeated = sorted(g for g, n in Counter(genes).items() if n > 1)
+        if repeated:
+            raise OmicsError(f"the {what} repeats gene(s) {preview(repeated)}")
+        return np.array([index[g] for g in genes], dtype=np.int64)
+
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise OmicsError("the omics transform is not fitted")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready state; floats are written exactly (float64 repr round-trips)."""
+        self._require_fitted()
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "log2": self.log2,
+            "n_genes": self.n_genes,
+            "genes": self.genes,
+            "selected": self.selected,
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "n_fit_cases": self.n_fit_cases,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OmicsTransform:
+        """Rebuild a fitted transform from ``to_dict()``'s output."""
+        try:
+            if data.get("format") != _FORMAT or data.get("version") != _VERSION:
+                raise OmicsError(f"not a momkd omics transform (format {data.get('format')!r}, "
+                                 f"version {data.get('version')!r})")
+            out = cls(log2=data["log2"], n_genes=data["n_genes"], genes=data["genes"])
+            out.selected = [str(g) for g in data["selected"]]
+            out.mean = np.array(data["mean"], dtype=np.float64)
+            out.std = np.array(data["std"], dtype=np.float64)
+            out.n_fit_cases = int(data["n_fit_cases"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise OmicsError(f"malformed omics transform: {type(e).__name__}: {e}") from None
+        if not (len(out.selected) == len(out.mean) == len(out.std)) or not len(out.selected):
+            raise OmicsError("malformed omics transform: selected/mean/std lengths differ or are zero")
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``to_dict()`` as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> OmicsTransform:
+        """Read a transform written by ``save``."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise OmicsError(f"{path}: cannot read the omics transform ({' '.join(str(e).split())})") from None
+        if not isinstance(data, dict):
+            raise OmicsError(f"{path}: not a momkd omics transform")
+        try:
+            return cls.from_dict(data)
+        except OmicsError as e:
+            raise OmicsError(f"{path}: {e}") from None

@@ -1,0 +1,103 @@
+"""Memory-guided attention (eq. 6-8) and per-slide softmax pooling over packed slides.
+
+Packed layout: the rows of slide ``b`` are ``slide_offsets[b]:slide_offsets[b+1]``, with ``slide_offsets[0] = 0``
+and ``slide_offsets[-1] = N``. The per-slide softmax and weighted sum use a ``(B, N)`` membership mask built
+with ``arange``/compare and matmuls: no scatter, ``index_add``, ``nonzero`` or Python loops, so the same code
+exports to ONNX/TensorRT with dynamic ``N`` and ``B``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def membership(slide_offsets: Tensor, n: int | Tensor, device: torch.device | None = None) -> Tensor:
+    """(B, N) bool: ``member[b, i]`` is True when row ``i`` belongs to slide ``b``."""
+    rows = torch.arange(n, device=device if device is not None else slide_offsets.device)
+    offsets = slide_offsets.to(rows.device).long()
+    return (rows.unsqueeze(0) >= offsets[:-1].unsqueeze(1)) & (rows.unsqueeze(0) < offsets[1:].unsqueeze(1))
+
+
+def segment_softmax_pool(score: Tensor, values: Tensor, slide_offsets: Tensor, tau: float | Tensor = 1.0,
+                         ) -> tuple[Tensor, Tensor]:
+    """Per-slide ``softmax(score / tau)`` and attention-weighted sum of ``values``.
+
+    Args:
+        score: (N,) patch scores.
+        values: (N, D) patch embeddings.
+        slide_offsets: (B+1,) int64 row offsets (first 0, last N).
+        tau: temperature (float or 0-dim tensor).
+
+    Returns:
+        attention (N,) summing to 1 within each slide, pooled (B, D). An empty slide pools to zeros.
+    """
+    memberf = membership(slide_offsets, score.shape[0], score.device).to(score.dtype)
+    z = score / tau
+    # Per-slide max for a numerically safe softmax (a constant shift per slide: detached, exact). Rows of other
+    # slides are pushed to -finfo.max by arithmetic (no where/masked_fill: slow on CPU); an empty slide's max is
+    # then -finfo.max, finite, and multiplies only zeros below.
+    lowest = torch.finfo(score.dtype).max
+    slide_max = (z.detach().unsqueeze(0) * memberf + (memberf - 1.0) * lowest).amax(dim=1)
+    ex = torch.exp(z - slide_max @ memberf)  # each row sits in exactly one slide
+    denom = memberf @ ex  # (B,)
+    attention = ex / (denom @ memberf)
+    pooled = (memberf * attention.unsqueeze(0)) @ values
+    return attention, pooled
+
+
+def memory_scores(patch_proj: Tensor, codes_pos: Tensor, codes_neg: Tensor) -> Tensor:
+    """Eq. 6: ``max_j F_P,i . c+_j - max_j F_P,i . c-_j`` (N,), one matmul against both banks."""
+    n_pos = codes_pos.shape[0]
+    sims = patch_proj @ torch.cat([codes_pos, codes_neg], dim=0).t()
+    return sims[:, :n_pos].amax(dim=1) - sims[:, n_pos:].amax(dim=1)
+
+
+class HeadOutput(NamedTuple):
+    patch_proj: Tensor  # (N, D_N) unit rows, F_P-wsi
+    score: Tensor  # (N,) eq. 6
+    attention: Tensor  # (N,) eq. 7
+    pooled: Tensor  # (B, D) eq. 8, F_C-wsi
+
+
+class MemoryAttentionHead(nn.Module):
+    """Patch projection, memory scores (eq. 6, memory detached), per-slide softmax (eq. 7), pooling (eq. 8).
+
+    Args:
+        dim: embedding size D.
+        proj_dim: projection size D_N.
+        tau: softmax temperature (eq. 7).
+        learnable_tau: learn ``tau = exp(log_tau)`` (initialised at ``tau``), clamped to [tau_min, tau_max].
+    """
+
+    def __init__(self, dim: int, proj_dim: int, tau: float = 0.2, learnable_tau: bool = False,
+                 tau_min: float = 0.01, tau_max: float = 2.0) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, proj_dim)
+        self.learnable_tau = learnable_tau
+        self.tau_min, self.tau_max = float(tau_min), float(tau_max)
+        if learnable_tau:
+            self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
+        else:
+            self.fixed_tau = float(tau)
+
+    def temperature(self) -> float | Tensor:
+        """The current tau (a 0-dim tensor when learnable)."""
+        if self.learnable_tau:
+            return self.log_tau.exp().clamp(self.tau_min, self.tau_max)
+        return self.fixed_tau
+
+    def project(self, embeddings: Tensor) -> Tensor:
+        """F_P-wsi = normalize(W_proj F_wsi), (N, D_N)."""
+        return F.normalize(self.proj(embeddings), dim=-1)
+
+    def forward(self, embeddings: Tensor, codes_pos: Tensor, codes_neg: Tensor, slide_offsets: Tensor) -> HeadOutput:
+        """embeddings (N, D); unit codes (n, D_N) each (detached here); offsets (B+1,)."""
+        patch_proj = self.project(embeddings)
+        score = memory_scores(patch_proj, codes_pos.detach(), codes_neg.detach())
+        attention, pooled = segment_softmax_pool(score, embeddings, slide_offsets, self.temperature())
+        return HeadOutput(patch_proj, score, attention, pooled)
