@@ -46,7 +46,8 @@ def validate(
         raise typer.Exit(2)
 
     s = report.summary
-    table = Table(title=f"{escape(str(cohort))}: ok", show_header=False)
+    out.print(f"{cohort}: ok", markup=False, highlight=False, soft_wrap=True)
+    table = Table(show_header=False)
     table.add_column("what")
     table.add_column("value")
     table.add_row("cases", str(s["cases"]))

@@ -31,8 +31,9 @@ def test_help_does_not_import_heavy_modules() -> None:
         "from momkd.cli.main import app\n"
         "try:\n    app(['--help'], prog_name='momkd')\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'torch_geometric', 'onnx', 'onnxruntime', 'h5py', 'scipy', 'sklearn') if m in sys.modules]\n"
-        "print(','.join(heavy))\n"
+        "print('HEAVY:' + ','.join(heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == ""
+    heavy_line = [line for line in result.stdout.splitlines() if line.startswith("HEAVY:")]
+    assert heavy_line == ["HEAVY:"], result.stdout

@@ -71,7 +71,7 @@ def load_training_data(
     if not report.ok:
         if console is not None:
             for problem in report.problems:
-                console.print(str(problem), highlight=False, markup=False)
+                console.print(str(problem), highlight=False, markup=False, soft_wrap=True)
         raise DataRefusedError(f"{len(report.problems)} problem(s) in the cohort; nothing was run")
     return TrainingData(
         cohort=report.cohort,
