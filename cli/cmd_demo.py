@@ -22,8 +22,10 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Synthetic cohort → validate → train MoMKD and ABMIL → evaluate on an external synthetic cohort."""
+    """Synthetic cohort → validate → train MoMKD and ABMIL → evaluate on an external cohort → export → infer."""
     from momkd.evaluate import evaluate_run
+    from momkd.export import export_run
+    from momkd.runtime.pipeline import run_inference
     from momkd.synth import make_synthetic_cohort
     from momkd.train.run import OmicsOptions, train_run
     from momkd.train.setup import build_configs, load_training_data
@@ -52,6 +54,17 @@ def demo(
         ext = load_training_data(external.cohort_csv, external.features_dir, None, external.label_col,
                                  external.positive, folds=1, console=console)
         ext_metrics = {m: evaluate_run(out / m, ext, out / f"external_{m}", device=device) for m in summaries}
+
+        console.rule("5. export the MoMKD fold ensemble to ONNX")
+        export_run(out / "momkd", out / "model", "onnx",
+                   log=lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True))
+
+        console.rule("6. infer the external slide folder with the exported model (ONNX Runtime, no PyTorch)")
+        inferred = run_inference(out / "model", external.features_dir, out / "infer", backend="onnxruntime")
+        console.print(f"{inferred.n_ok} ok, {inferred.n_failed} failed in {inferred.elapsed_s:.1f} s "
+                      f"({inferred.backend}, {inferred.device})")
+        gap = _max_probability_gap(out / "external_momkd" / "predictions.csv", inferred.predictions_path)
+        console.print(f"max |p(infer) - p(evaluate)| over {inferred.n_ok} slides: {gap:.2e}")
     except MomkdError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
@@ -64,4 +77,18 @@ def demo(
         table.add_row(model, *(f"{s['mean'][k]:.3f} ± {s['std'][k]:.3f}" for k in ("auc", "acc", "f1")),
                       *(f"{e[k]:.3f}" for k in ("auc", "acc", "f1")))
     Console().print(table)
-    console.print(f"runs: {out / 'momkd'}, {out / 'abmil'}; external predictions: {out / 'external_momkd' / 'predictions.csv'}")
+    console.print(f"runs: {out / 'momkd'}, {out / 'abmil'}; external evaluation: {out / 'external_momkd'}; "
+                  f"exported model: {out / 'model'}; inference: {out / 'infer' / 'predictions.csv'}", soft_wrap=True)
+
+
+def _max_probability_gap(evaluated_csv: Path, inferred_csv: Path) -> float:
+    """Largest |probability| difference between ``momkd evaluate`` and ``momkd infer`` rows of the same slides."""
+    import csv
+
+    with open(evaluated_csv, newline="") as f:
+        evaluated = {row["slide_id"]: float(row["probability"]) for row in csv.DictReader(f)}
+    with open(inferred_csv, newline="") as f:
+        inferred = {row["slide_id"]: float(row["probability"]) for row in csv.DictReader(f) if row["status"] == "ok"}
+    if set(inferred) != set(evaluated):
+        raise MomkdError(f"{inferred_csv}: slides differ from {evaluated_csv}")
+    return max(abs(inferred[s] - evaluated[s]) for s in evaluated)
