@@ -22,6 +22,11 @@ class ReaderPool(str, Enum):
     processes = "processes"
 
 
+class HeatmapValue(str, Enum):
+    attention = "attention"
+    score = "score"
+
+
 class BackendName(str, Enum):
     auto = "auto"
     onnxruntime = "onnxruntime"
@@ -41,14 +46,24 @@ def infer(
     reader: Annotated[ReaderPool, typer.Option(help="Reader pool: threads, processes (reads scale with cores), or auto (processes when the model runs on a GPU).")] = ReaderPool.auto,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the ok rows of an earlier run in --out (same model, unchanged file); redo the rest.")] = False,
     save_attention: Annotated[bool, typer.Option("--save-attention", help="Write OUT/attention/{slide_id}.h5 (coords, attention, patch_score).")] = False,
+    heatmaps: Annotated[bool, typer.Option("--heatmaps", help="Write OUT/heatmaps/{slide_id}.png for every ok slide (needs matplotlib: momkd[plot]).")] = False,
+    heatmap_value: Annotated[HeatmapValue, typer.Option(help="What --heatmaps paints: the attention, or the patch score (memory affinity).")] = HeatmapValue.attention,
+    slides: Annotated[Optional[Path], typer.Option("--slides", help="Folder of whole-slide images ({slide_id}.svs, .tif, ...): --heatmaps draws on their thumbnails (needs openslide).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no per-slide error lines.")] = False,
 ) -> None:
     """Predict every slide of FOLDER. Exit code 0: all ok; 1: some slides failed (see the error column); 2: usage or model error."""
-    from momkd.runtime.pipeline import run_inference
+    from momkd.runtime.pipeline import UsageError, run_inference
 
     show_progress = not quiet and console.is_terminal
     bar = None
     try:
+        if slides is not None and not heatmaps:
+            raise UsageError("--slides is only used with --heatmaps")
+        heatmap_options = None
+        if heatmaps:
+            from momkd.runtime.heatmap_writer import HeatmapOptions
+
+            heatmap_options = HeatmapOptions(value=heatmap_value.value, slides_dir=slides)
         if show_progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -66,11 +81,12 @@ def infer(
             if not quiet:
                 from rich.text import Text
 
-                console.print(Text(message, style="yellow" if message.startswith("failed:") else "dim"), soft_wrap=True)
+                console.print(Text(message, style="yellow" if message.startswith(("failed:", "heatmap failed:")) else "dim"), soft_wrap=True)
 
         summary = run_inference(model_dir, folder, out, backend=backend.value, device=device, recursive=recursive,
                                 batch_patches=batch_patches, workers=workers, resume=resume,
-                                save_attention=save_attention, progress=progress, log=log, reader=reader.value)
+                                save_attention=save_attention, progress=progress, log=log, reader=reader.value,
+                                heatmaps=heatmap_options)
     except MomkdError as e:
         if bar is not None:
             bar.stop()

@@ -8,6 +8,7 @@ import typer
 from momkd.cli import cmd_demo, cmd_infer, cmd_train
 from momkd.cli import cmd_export
 from momkd.cli import cmd_data
+from momkd.cli import cmd_report
 
 app = typer.Typer(
     name="momkd",
@@ -31,6 +32,7 @@ app.command("evaluate")(cmd_train.evaluate)
 app.command("demo")(cmd_demo.demo)
 app.command("infer")(cmd_infer.infer)
 app.command("export")(cmd_export.export)
+app.command("report")(cmd_report.report)
 
 
 def main() -> None:  # pragma: no cover - console entry point

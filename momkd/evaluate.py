@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from momkd.data.cohort import case_level
 from momkd.metrics import binary_metrics
 from momkd.train.checkpoint import fold_dirs, load_checkpoint
 from momkd.train.data import SlideStore
 from momkd.train.fit import resolve_device
-from momkd.train.predict import case_level, predict_slides
+from momkd.train.predict import predict_slides
 from momkd.train.run import TrainingData
 
 

@@ -31,6 +31,7 @@ from momkd.manifest import Manifest, load_manifest
 from .attention_io import attention_path, write_attention
 from .backends import Backend, select_backend
 from .discover import SlideFile, discover_slides
+from .heatmap_writer import HeatmapOptions, HeatmapReport, HeatmapWriter, heatmap_path
 from .packing import BufferPool, Pack, Packer, PackSlide, PoolClosed, split_outputs
 from .reader import POOLS, ReaderConfig, SlideFailure, SlideReader, one_line, resolve_pool
 from .results import (PREDICTIONS, ResultRow, ResultsError, ResultsWriter, file_stamp, read_predictions,
@@ -62,6 +63,7 @@ class InferenceSummary:
     # sums: read_s, graph_s (reader workers), compute_s (backend), wait_s (packing waits for reads), idle_s
     # (compute waits for packs)
     timings: dict[str, float] = field(default_factory=dict)
+    heatmaps: HeatmapReport | None = None   # --heatmaps: PNGs written/kept and per-slide failures
 
     @property
     def slides_per_s(self) -> float:
@@ -73,8 +75,9 @@ class InferenceSummary:
 
     def line(self) -> str:
         kept = f" ({self.n_kept} kept from an earlier run)" if self.n_kept else ""
+        heatmaps = f"; {self.heatmaps.line()}" if self.heatmaps is not None else ""
         return (f"{self.n_ok} ok, {self.n_failed} failed{kept}, {self.slides_per_s:.1f} slides/s "
-                f"({self.backend}, {self.device}) -> {self.predictions_path}")
+                f"({self.backend}, {self.device}) -> {self.predictions_path}{heatmaps}")
 
 
 ProgressFn = Callable[[int, int, int, int], None]   # (done, total, ok, failed)
@@ -105,9 +108,9 @@ def _check_paths(folder: Path, out_dir: Path) -> tuple[Path, Path]:
 
 
 def _kept_rows(out_dir: Path, folder: Path, files: list[SlideFile], manifest: Manifest,
-               save_attention: bool) -> dict[int, ResultRow]:
+               save_attention: bool, heatmaps: bool) -> dict[int, ResultRow]:
     """--resume: ok rows of an earlier run with the same model whose file is unchanged (and whose attention file
-    exists, when attention is asked for), by discovery index."""
+    and heatmap exist, when they are asked for), by discovery index."""
     pred = out_dir / PREDICTIONS
     if not pred.exists():
         return {}
@@ -128,7 +131,8 @@ def _kept_rows(out_dir: Path, folder: Path, files: list[SlideFile], manifest: Ma
         f = by_rel.get(row.file)
         if (row.status == "ok" and f is not None and f.duplicate_of is None and f.index not in kept
                 and row.slide_id == f.slide_id and stamps.get(f.rel) == file_stamp(f.path)
-                and (not save_attention or attention_path(out_dir, f.slide_id).is_file())):
+                and (not save_attention or attention_path(out_dir, f.slide_id).is_file())
+                and (not heatmaps or heatmap_path(out_dir, f.slide_id).is_file())):
             kept[f.index] = row
     return kept
 
@@ -138,7 +142,8 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
                   batch_patches: int = DEFAULT_BATCH_PATCHES, workers: int = DEFAULT_WORKERS,
                   resume: bool = False, save_attention: bool = False, progress: ProgressFn | None = None,
                   log: Callable[[str], None] | None = None, threads: int | None = None,
-                  reader: str = "auto", backend_obj: Backend | None = None) -> InferenceSummary:
+                  reader: str = "auto", backend_obj: Backend | None = None,
+                  heatmaps: HeatmapOptions | None = None) -> InferenceSummary:
     """Predict every ``.h5`` slide file in ``folder`` with the model folder ``model_dir``; write ``out_dir``.
 
     ``backend``: auto | onnxruntime | tensorrt | torch; ``device``: None (best available) | cpu | cuda[:N];
@@ -148,6 +153,8 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
     ``progress(done, total, ok, failed)`` and ``log(message)`` are called from the pipeline's threads, one call
     at a time (``log`` gets one-line notes and ``failed: FILE: CODE: MESSAGE`` lines).
     ``backend_obj``: an already built backend (benchmarks), instead of ``backend``/``device``.
+    ``heatmaps``: also render ``out_dir/heatmaps/{slide_id}.png`` for every ok slide (needs matplotlib; see
+    ``heatmap_writer``); a heatmap that fails is recorded and the run goes on.
 
     Raises ``MomkdError`` subclasses (ModelFolderError, BackendError, ResultsError, UsageError) for problems that
     are not one slide's; returns the summary otherwise (``summary.exit_code``: 0 all ok, 1 some failed).
@@ -162,10 +169,12 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
         raise UsageError(f"--reader must be one of {', '.join(POOLS)}, got {reader!r}")
     folder_p, out_p = _check_paths(Path(folder), Path(out_dir))
     manifest = load_manifest(model_dir, verify_checksums=True)
+    painter = (HeatmapWriter(out_p, heatmaps, manifest.model.class_names[1], say) if heatmaps is not None
+               else None)
     files = discover_slides(folder_p, recursive=recursive)
     if not files:
         say(f"note: no .h5 files found in {folder}" + ("" if recursive else " (use --recursive for subfolders)"))
-    kept = _kept_rows(out_p, folder_p, files, manifest, save_attention) if resume else {}
+    kept = _kept_rows(out_p, folder_p, files, manifest, save_attention, painter is not None) if resume else {}
     if not resume and (out_p / PREDICTIONS).exists():
         say(f"note: replacing {out_p / PREDICTIONS} from an earlier run (--resume keeps its finished rows)")
     be = backend_obj if backend_obj is not None else select_backend(backend, device, manifest, log=say, threads=threads)
@@ -174,6 +183,10 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
     writer = ResultsWriter(out_p, len(files))
     for index, row in kept.items():
         writer.set(index, row)
+    if painter is not None:
+        painter.start()
+        for row in kept.values():
+            painter.keep(row.slide_id)
     writer.flush()   # from here on predictions.csv never holds rows of another run that run.json cannot vouch for
     write_run_info(out_p, {
         "momkd_version": __version__, "model_dir": str(Path(model_dir).resolve()),
@@ -194,23 +207,27 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
 
     report()
     t0 = time.perf_counter()
+    finished = False
     try:
         if todo:
             _run(todo, manifest, be, writer, out_p, counts, timings, report, say, batch_patches, workers,
-                 save_attention, pool)
+                 save_attention, pool, painter)
         writer.flush()
+        finished = True
     finally:
         if backend_obj is None:
             be.close()
+        painted = painter.close(cancel=not finished) if painter is not None else None
     elapsed = time.perf_counter() - t0
     return InferenceSummary(n_files=total, n_ok=writer.n_ok, n_failed=writer.n_failed, n_kept=len(kept), reader=pool,
                             n_processed=len(todo), elapsed_s=elapsed, setup_s=setup_s, backend=be.name,
-                            device=be.device, detail=be.detail, predictions_path=out_p / PREDICTIONS, timings=timings)
+                            device=be.device, detail=be.detail, predictions_path=out_p / PREDICTIONS, timings=timings,
+                            heatmaps=painted)
 
 
 def _run(todo: list[SlideFile], manifest: Manifest, be: Backend, writer: ResultsWriter, out_p: Path,
          counts: dict[str, int], timings: dict[str, float], report: Callable[[], None], say: Callable[[str], None],
-         batch_patches: int, workers: int, save_attention: bool, pool: str) -> None:
+         batch_patches: int, workers: int, save_attention: bool, pool: str, painter: HeatmapWriter | None) -> None:
     """The calling thread takes slides in file order from the reader threads and packs them (copying into one of
     two reused buffers); a compute thread runs each pack through the backend and records its rows, so packing,
     copying and writing overlap the compute. Packs depend on file order, slide sizes and the row budget only
@@ -219,7 +236,7 @@ def _run(todo: list[SlideFile], manifest: Manifest, be: Backend, writer: Results
     max_rows = min(batch_patches, be.max_rows) if be.max_rows else batch_patches
     max_width = getattr(be, "max_width", None)
     cfg = ReaderConfig(feature_dim=model.feature_dim, k=model.k, direction=model.graph_direction,
-                       keep_coords=save_attention)
+                       keep_coords=save_attention or painter is not None)
     reader = SlideReader(todo, cfg, workers=workers, max_inflight=64, pool=pool,
                          max_inflight_bytes=max(max_rows * model.feature_dim * 4, 64 << 20))
     stop = threading.Event()
@@ -230,7 +247,7 @@ def _run(todo: list[SlideFile], manifest: Manifest, be: Backend, writer: Results
 
     def record_failure(f: SlideFailure) -> None:
         with lock:
-            _record_failure(f, writer, counts, say, out_p, save_attention)
+            _record_failure(f, writer, counts, say, out_p, save_attention, painter)
             report()
 
     def compute() -> None:
@@ -259,7 +276,7 @@ def _run(todo: list[SlideFile], manifest: Manifest, be: Backend, writer: Results
                         file: SlideFile = entry.meta
                         if isinstance(out, str):
                             _record_failure(SlideFailure(file, "inference", out, entry.n), writer, counts, say,
-                                            out_p, save_attention)
+                                            out_p, save_attention, painter)
                             continue
                         p = float(out["probability"])
                         pred = model.class_names[1] if p >= model.threshold else model.class_names[0]
@@ -269,6 +286,8 @@ def _run(todo: list[SlideFile], manifest: Manifest, be: Backend, writer: Results
                             write_attention(out_p, file.slide_id, entry.coords, out["attention"],
                                             out["patch_score"], source=str(file.path), probability=p,
                                             model_sha256=manifest.sha256)
+                        if painter is not None:
+                            painter.submit(file.slide_id, file.path, entry.coords, out, p, pred)
                     writer.flush()
                     report()
             except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
@@ -333,12 +352,15 @@ def _run(todo: list[SlideFile], manifest: Manifest, be: Backend, writer: Results
 
 
 def _record_failure(f: SlideFailure, writer: ResultsWriter, counts: dict[str, int], say: Callable[[str], None],
-                    out_p: Path, save_attention: bool) -> None:
+                    out_p: Path, save_attention: bool, painter: HeatmapWriter | None) -> None:
     writer.set(f.file.index, ResultRow.failed(f.file.slide_id, f.file.rel, f"{f.code}: {f.message}", f.n_patches))
     counts["failed"] += 1
     say(f"failed: {f.file.rel}: {f.code}: {f.message}")
-    if save_attention and f.code != "duplicate":   # never leave an older run's attention for a failed slide
-        attention_path(out_p, f.file.slide_id).unlink(missing_ok=True)
+    if f.code != "duplicate":   # never leave an older run's attention or heatmap for a failed slide
+        if save_attention:
+            attention_path(out_p, f.file.slide_id).unlink(missing_ok=True)
+        if painter is not None:
+            painter.discard(f.file.slide_id)
 
 
 def _check_outputs(outputs: dict[str, np.ndarray], pack: Pack) -> None:

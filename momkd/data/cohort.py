@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -380,3 +381,30 @@ def load_splits(splits_dir: str | os.PathLike[str], cases: Iterable[str] | None 
 def preview(items: Sequence[str], limit: int = 5) -> str:
     """``'a, b, c, ...'``: the first ``limit`` items for a one-line message."""
     return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+
+
+class SlideLabel(NamedTuple):
+    """A labelled slide: the unit of training; metrics are computed per case."""
+
+    slide_id: str
+    case_id: str
+    label: int
+
+
+def case_level(items: Sequence[SlideLabel], probs: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Mean slide probability per case (the unit the splits and the paper's metrics use).
+
+    Returns:
+        case ids in first-seen order, (C,) labels, (C,) mean probabilities.
+    """
+    order: dict[str, list[int]] = {}
+    labels: dict[str, int] = {}
+    for i, item in enumerate(items):
+        order.setdefault(item.case_id, []).append(i)
+        labels[item.case_id] = item.label
+    cases = list(order)
+    return (
+        cases,
+        np.array([labels[c] for c in cases], dtype=np.int64),
+        np.array([float(np.mean(probs[order[c]])) for c in cases], dtype=np.float64),
+    )

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from momkd.data.cohort import SlideLabel, case_level
 from momkd.metrics import roc_auc
 from momkd.models.memory import MemoryUsage
 from momkd.train.config import TrainConfig
 from momkd.train.data import SlideStore
-from momkd.train.predict import SlideLabel, case_level, predict_slides, slide_tensors
+from momkd.train.predict import predict_slides, slide_tensors
 from momkd.train.sampler import balanced_epoch
 
 LOSS_TERMS = ("total", "ce", "mse", "align_wsi", "align_omics", "mem")

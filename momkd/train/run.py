@@ -16,19 +16,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import momkd
 from momkd.config import LossConfig, ModelConfig
-from momkd.data.cohort import Cohort, Split, load_splits, make_splits, save_splits
+from momkd.data.cohort import Cohort, SlideLabel, Split, case_level, load_splits, make_splits, save_splits
 from momkd.data.omics import OmicsTable, OmicsTransform
 from momkd.errors import RunFolderError
 from momkd.losses import MoMKDLoss
 from momkd.metrics import best_threshold, binary_metrics, mean_std
 from momkd.models import build_model
+from momkd.report.tables import METRIC_KEYS, summary_markdown
 from momkd.train.checkpoint import save_checkpoint
 from momkd.train.config import TrainConfig
 from momkd.train.data import SlideStore
 from momkd.train.fit import FoldTrainer, resolve_device
-from momkd.train.predict import SlideLabel, case_level, predict_slides
-
-METRIC_KEYS = ("auc", "acc", "f1")
+from momkd.train.predict import predict_slides
 
 
 @dataclass
@@ -172,22 +171,6 @@ def train_run(
     _write_json(out_dir / "summary.json", summary)
     (out_dir / "summary.md").write_text(summary_markdown(summary))
     return summary
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """The run's test metrics per fold and mean ± std (as the paper's Table 1), in percent."""
-    lines = [
-        f"# {summary['model']} ({summary['preset']} preset): test metrics, threshold chosen on validation",
-        "",
-        "| fold | threshold | AUC (%) | ACC (%) | F1 (%) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in summary["folds"]:
-        t = r["test"]
-        lines.append(f"| {r['fold']} | {r['threshold']:.3f} | {100 * t['auc']:.1f} | {100 * t['acc']:.1f} | {100 * t['f1']:.1f} |")
-    m, s = summary["mean"], summary["std"]
-    lines.append("| **mean ± std** | | " + " | ".join(f"**{100 * m[k]:.1f} ± {100 * s[k]:.1f}**" for k in METRIC_KEYS) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _write_json(path: Path, data: Any) -> None:

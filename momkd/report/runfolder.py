@@ -1,0 +1,165 @@
+"""Read what ``momkd train`` wrote into a run folder (no PyTorch): ``summary.json``, ``config.json`` and, per
+fold, ``history.csv`` and ``test_predictions.csv``. A file that is missing or malformed is one ``RunFolderError``
+line naming the file; per-fold files that are absent are ``None`` (the report says which sections it skips).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from momkd.data.cohort import SlideLabel, read_table
+from momkd.errors import RunFolderError
+
+from .tables import METRIC_KEYS
+
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+HISTORY = "history.csv"
+TEST_PREDICTIONS = "test_predictions.csv"
+TEST_COLUMNS = ("slide_id", "case_id", "label", "probability")
+
+
+@dataclass(frozen=True)
+class HeldOutPredictions:
+    """A fold's held-out slides: ``items`` (slide, case, label) and their (S,) probabilities."""
+
+    items: list[SlideLabel]
+    probabilities: np.ndarray
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    fold: int
+    path: Path                                   # RUN/fold_K
+    history: dict[str, np.ndarray] | None        # column -> (epochs,) float64 (NaN where empty)
+    test: HeldOutPredictions | None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    folds: list[FoldRecord]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model(self) -> str:
+        return str(self.summary["model"])
+
+    @property
+    def has_memory(self) -> bool:
+        """MoMKD has the class memory; the ABMIL baseline does not."""
+        return self.model == "momkd"
+
+    @property
+    def n_codes(self) -> int | None:
+        value = self.config.get("model", {}).get("n_codes")
+        return int(value) if value is not None else None
+
+    @property
+    def class_names(self) -> tuple[str, str]:
+        names = self.config.get("class_names") or ["negative", "positive"]
+        return str(names[0]), str(names[1])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RunFolderError(f"{path}: missing (is {path.parent} a finished momkd run folder?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _check_summary(path: Path, summary: Mapping[str, Any]) -> None:
+    """The fields the report reads: model, preset, folds[fold, threshold, test{auc, acc, f1}], mean, std."""
+    for key in ("model", "preset", "folds", "mean", "std"):
+        if key not in summary:
+            raise RunFolderError(f"{path}: no {key!r} field (not a momkd training summary)")
+    if not isinstance(summary["folds"], list) or not summary["folds"]:
+        raise RunFolderError(f"{path}: 'folds' must be a non-empty list")
+    for i, record in enumerate(summary["folds"]):
+        try:
+            int(record["fold"]), float(record["threshold"])
+            [float(record["test"][k]) for k in METRIC_KEYS]
+        except (KeyError, TypeError, ValueError):
+            raise RunFolderError(f"{path}: folds[{i}] lacks fold, threshold or test {'/'.join(METRIC_KEYS)}") from None
+    for part in ("mean", "std"):
+        try:
+            [float(summary[part][k]) for k in METRIC_KEYS]
+        except (KeyError, TypeError, ValueError):
+            raise RunFolderError(f"{path}: {part!r} lacks {'/'.join(METRIC_KEYS)}") from None
+
+
+def _number(text: str) -> float:
+    return float(text) if text.strip() else math.nan
+
+
+def read_history(path: Path) -> dict[str, np.ndarray] | None:
+    """``history.csv`` as column -> (epochs,) float64, or ``None`` when the fold has none."""
+    if not path.is_file():
+        return None
+    table = read_table(path, RunFolderError)
+    if "epoch" not in table.header:
+        raise RunFolderError(f"{path}: no 'epoch' column (columns: {', '.join(table.header)})")
+    try:
+        columns = np.array([[_number(c) for c in cells] for _, cells in table.rows], dtype=np.float64)
+    except ValueError as e:
+        raise RunFolderError(f"{path}: a value is not a number ({e})") from None
+    columns = columns.reshape(len(table.rows), len(table.header))
+    return {name: columns[:, j] for j, name in enumerate(table.header)}
+
+
+def read_test_predictions(path: Path) -> HeldOutPredictions | None:
+    """``test_predictions.csv`` (slide_id, case_id, label 0/1, probability), or ``None`` when absent."""
+    if not path.is_file():
+        return None
+    table = read_table(path, RunFolderError)
+    missing = [c for c in TEST_COLUMNS if c not in table.header]
+    if missing:
+        raise RunFolderError(f"{path}: missing column(s) {', '.join(missing)}")
+    i_slide, i_case, i_label, i_prob = (table.header.index(c) for c in TEST_COLUMNS)
+    items, probs = [], []
+    for line, cells in table.rows:
+        try:
+            label, prob = int(cells[i_label]), float(cells[i_prob])
+        except ValueError:
+            raise RunFolderError(f"{path}: line {line}: label or probability is not a number") from None
+        if label not in (0, 1) or not 0.0 <= prob <= 1.0:
+            raise RunFolderError(f"{path}: line {line}: label must be 0/1 and probability in [0, 1]")
+        items.append(SlideLabel(cells[i_slide], cells[i_case], label))
+        probs.append(prob)
+    return HeldOutPredictions(items, np.array(probs, dtype=np.float64))
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """A finished run folder: its summary (checked), config and per-fold files (those present)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunFolderError(f"{path}: run folder does not exist")
+    summary = _read_json(path / SUMMARY)
+    _check_summary(path / SUMMARY, summary)
+    config = _read_json(path / CONFIG)
+    folds = []
+    for record in summary["folds"]:
+        k = int(record["fold"])
+        fold_dir = path / f"fold_{k}"
+        folds.append(FoldRecord(k, fold_dir, read_history(fold_dir / HISTORY),
+                                read_test_predictions(fold_dir / TEST_PREDICTIONS)))
+    return RunRecord(path, summary, config, folds)
