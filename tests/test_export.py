@@ -12,6 +12,8 @@ import csv
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -606,8 +608,9 @@ def test_refuses_a_non_empty_out_folder(exported, paper_run: Path) -> None:
 
 # --------------------------------------------------------------------------- through real training
 @pytest.mark.slow
-def test_export_of_a_trained_run_matches_evaluate(tmp_path: Path) -> None:
-    """Train 2 folds for 1 epoch on a synthetic cohort, evaluate, export: ONNX == evaluate's probability."""
+def test_export_of_a_trained_run_matches_evaluate(tmp_path: Path, make_bad_slide_files) -> None:
+    """Train 2 folds for 1 epoch on a synthetic cohort, evaluate, export: ONNX == evaluate's probability; then
+    `momkd infer` with torch blocked over those slides plus every bad-file kind: one correct row per file."""
     pytest.importorskip("torch_geometric")
     from momkd.synth import make_synthetic_cohort
 
@@ -640,3 +643,32 @@ def test_export_of_a_trained_run_matches_evaluate(tmp_path: Path) -> None:
         assert p == pytest.approx(float(row["probability"]), abs=1e-5)
         expected = manifest["model"]["class_names"][int(p >= manifest["model"]["threshold"])]
         assert expected == row["prediction"] or abs(p - manifest["model"]["threshold"]) < 1e-5
+
+    # the exported folder in the lean runtime, torch blocked, over the good slides plus every bad-file kind
+    mixed = tmp_path / "mixed"
+    shutil.copytree(synth.features_dir, mixed)
+    bad = make_bad_slide_files(mixed, IN_DIM)
+    before = {p.name: p.read_bytes() for p in mixed.iterdir()}
+    code = "import sys; sys.modules['torch'] = None; from momkd.cli.main import app; app()"
+    cmd = [sys.executable, "-c", code, "infer", str(out), str(mixed), "--out", str(tmp_path / "pred"), "--quiet"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1, first.stderr
+    assert "Traceback" not in first.stderr + first.stdout
+    with (tmp_path / "pred" / "predictions.csv").open() as f:
+        inferred = {r["file"]: r for r in csv.DictReader(f)}
+    assert sorted(inferred) == sorted(before)
+    evaluated = {row["slide_id"]: row for row in rows}
+    for name, row in inferred.items():
+        if name.startswith("bad_"):
+            assert row["status"] == "error" and row["probability"] == ""
+            assert row["error"].split(":")[0] == next(k for k, p in bad.items() if p.name == name).split("/")[0]
+        else:
+            assert row["status"] == "ok", row
+            assert float(row["probability"]) == pytest.approx(float(evaluated[row["slide_id"]]["probability"]), abs=1e-4)
+            assert row["prediction"] == evaluated[row["slide_id"]]["prediction"]
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1, again.stderr
+    assert f"{len(evaluated)} kept from an earlier run" in again.stdout
+    with (tmp_path / "pred" / "predictions.csv").open() as f:
+        assert sorted(r["file"] for r in csv.DictReader(f)) == sorted(before)
+    assert {p.name: p.read_bytes() for p in mixed.iterdir()} == before  # inputs untouched
