@@ -67,7 +67,7 @@ def crop_montages(hits: list[CodeHit], slides_dir: Path, features_dir: Path, out
             group = sorted(group, key=lambda h: (h.code, h.rank))
             n_codes, k = max(h.code for h in group) + 1, max(h.rank for h in group)
             log(f"crops: fold {fold}, {bank} bank")
-            fig = Figure(figsize=(1.25 * k + 0.6, 1.35 * n_codes + 0.5), layout="constrained")
+            fig = Figure(figsize=(max(4.8, 1.25 * k + 0.6), 1.35 * n_codes + 0.5), layout="constrained")
             axes = fig.subplots(n_codes, k, squeeze=False)
             for ax in axes.ravel():
                 ax.set_axis_off()
