@@ -367,7 +367,8 @@ class TorchBackend:
     """The exported TorchScript module (``manifest.torch.file``, ``torch.jit.load``) on CUDA or CPU.
 
     Its ``forward(features, neighbors, slide_offsets)`` returns a dict keyed by output name, or a tuple in the
-    order ``(probability, logits, attention, patch_score)`` (the ONNX outputs' order).
+    order ``(probability, logits, attention, patch_score)`` (the ONNX outputs' order). A ``model.pt`` traced by
+    ``momkd export`` calls the ``momkd::memory_head`` operator: the fused Triton head on CUDA, torch ops on CPU.
     """
 
     name = "torch"
@@ -386,6 +387,8 @@ class TorchBackend:
         self._dev = torch.device("cuda", index) if kind == "cuda" else torch.device("cpu")
         if kind == "cpu":
             torch.set_num_threads(threads or cpu_count())
+        import momkd.kernels.ops  # noqa: F401 - registers momkd::memory_head (fused head on CUDA) before loading
+
         try:
             self.module = torch.jit.load(str(model_path), map_location=self._dev).eval()
         except Exception as e:  # noqa: BLE001

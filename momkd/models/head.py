@@ -4,6 +4,10 @@ Packed layout: the rows of slide ``b`` are ``slide_offsets[b]:slide_offsets[b+1]
 and ``slide_offsets[-1] = N``. The per-slide softmax and weighted sum use a ``(B, N)`` membership mask built
 with ``arange``/compare and matmuls: no scatter, ``index_add``, ``nonzero`` or Python loops, so the same code
 exports to ONNX/TensorRT with dynamic ``N`` and ``B``.
+
+:func:`head_reference` is THE implementation of the head. For inference on CUDA (no autograd, nothing exported)
+:class:`MemoryAttentionHead` calls the ``momkd::memory_head`` operator instead (:mod:`momkd.kernels.ops`), whose
+CUDA implementation is a fused Triton kernel and whose implementation elsewhere is :func:`head_reference`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from momkd.kernels import ops
 
 
 def membership(slide_offsets: Tensor, n: int | Tensor, device: torch.device | None = None) -> Tensor:
@@ -58,10 +64,25 @@ def memory_scores(patch_proj: Tensor, codes_pos: Tensor, codes_neg: Tensor) -> T
 
 
 class HeadOutput(NamedTuple):
-    patch_proj: Tensor  # (N, D_N) unit rows, F_P-wsi
+    patch_proj: Tensor | None  # (N, D_N) unit rows, F_P-wsi (None from the fused operator, which never forms it)
     score: Tensor  # (N,) eq. 6
     attention: Tensor  # (N,) eq. 7
     pooled: Tensor  # (B, D) eq. 8, F_C-wsi
+
+
+def project_rows(embeddings: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F_P-wsi = normalize(W_proj F_wsi): (N, D) rows, (D_N, D) weight, (D_N,) bias -> (N, D_N) unit rows."""
+    return F.normalize(F.linear(embeddings, weight, bias), dim=-1)
+
+
+def head_reference(embeddings: Tensor, weight: Tensor, bias: Tensor | None, codes_pos: Tensor, codes_neg: Tensor,
+                   slide_offsets: Tensor, tau: float | Tensor) -> HeadOutput:
+    """The head in torch ops (eq. 6-8): embeddings (N, D), projection (D_N, D) + (D_N,), unit codes (n, D_N)
+    each, offsets (B+1,), temperature -> HeadOutput (patch_proj (N, D_N), score, attention (N,), pooled (B, D))."""
+    patch_proj = project_rows(embeddings, weight, bias)
+    score = memory_scores(patch_proj, codes_pos, codes_neg)
+    attention, pooled = segment_softmax_pool(score, embeddings, slide_offsets, tau)
+    return HeadOutput(patch_proj, score, attention, pooled)
 
 
 class MemoryAttentionHead(nn.Module):
@@ -93,11 +114,18 @@ class MemoryAttentionHead(nn.Module):
 
     def project(self, embeddings: Tensor) -> Tensor:
         """F_P-wsi = normalize(W_proj F_wsi), (N, D_N)."""
-        return F.normalize(self.proj(embeddings), dim=-1)
+        return project_rows(embeddings, self.proj.weight, self.proj.bias)
 
     def forward(self, embeddings: Tensor, codes_pos: Tensor, codes_neg: Tensor, slide_offsets: Tensor) -> HeadOutput:
-        """embeddings (N, D); unit codes (n, D_N) each (detached here); offsets (B+1,)."""
-        patch_proj = self.project(embeddings)
-        score = memory_scores(patch_proj, codes_pos.detach(), codes_neg.detach())
-        attention, pooled = segment_softmax_pool(score, embeddings, slide_offsets, self.temperature())
-        return HeadOutput(patch_proj, score, attention, pooled)
+        """embeddings (N, D); unit codes (n, D_N) each (detached here); offsets (B+1,).
+
+        Inference on CUDA (and TorchScript tracing, so that the traced module dispatches by device when it runs)
+        goes through the ``momkd::memory_head`` operator and returns ``patch_proj=None``; see ``ops.use_operator``.
+        """
+        tau = self.temperature()
+        codes_pos, codes_neg = codes_pos.detach(), codes_neg.detach()
+        if ops.use_operator(embeddings, self.proj.weight, tau):
+            score, attention, pooled = ops.memory_head(embeddings, self.proj.weight, self.proj.bias, codes_pos,
+                                                       codes_neg, slide_offsets, ops.tau_tensor(tau, embeddings))
+            return HeadOutput(None, score, attention, pooled)
+        return head_reference(embeddings, self.proj.weight, self.proj.bias, codes_pos, codes_neg, slide_offsets, tau)
