@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,12 @@ import numpy as np
 import pytest
 
 from momkd.synth import SyntheticCohort, make_synthetic_cohort, write_slide_h5
+
+# Without an NVIDIA driver the Triton kernels (tests/test_kernels_*.py) run in Triton's interpreter. Triton reads
+# TRITON_INTERPRET when it is first imported, and some test modules import it indirectly (torch_geometric) while
+# being collected, so it is set here, before any of them.
+if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BAD_SLIDE_FEATURE_DIM = 16
 BAD_SLIDE_KINDS = (
