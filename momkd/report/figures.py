@@ -44,7 +44,7 @@ def roc_figure(run: RunRecord, path: Path) -> Path | None:
     fig = Figure(figsize=(5.2, 5), layout="constrained")
     ax = fig.add_subplot()
     for k, fpr, tpr, auc in curves:
-        ax.plot(fpr, tpr, drawstyle="steps-post", lw=1.6, label=f"fold {k} (AUC {auc:.3f})")
+        ax.plot(fpr, tpr, lw=1.6, label=f"fold {k} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate", ylabel="true positive rate",
            title=f"{run.name}: test ROC per fold (case level)")
