@@ -9,6 +9,7 @@ from momkd.cli import cmd_demo, cmd_infer, cmd_train
 from momkd.cli import cmd_export
 from momkd.cli import cmd_data
 from momkd.cli import cmd_report
+from momkd.cli import cmd_bench
 
 app = typer.Typer(
     name="momkd",
@@ -33,6 +34,7 @@ app.command("demo")(cmd_demo.demo)
 app.command("infer")(cmd_infer.infer)
 app.command("export")(cmd_export.export)
 app.command("report")(cmd_report.report)
+app.command("bench")(cmd_bench.bench)
 
 
 def main() -> None:  # pragma: no cover - console entry point
