@@ -40,27 +40,27 @@ def product_flops(op: str, inputs: list[tuple[int, ...]], output: tuple[int, ...
 
     Args:
         op: the node's operator type (one of ``PRODUCT_OPS``).
-        inputs: shapes of the operands the profile lists, in order (pre-packed constants are absent; Gemm's
-            bias may be listed).
+        inputs: shapes of the operands the profile lists, in order (a pre-packed constant operand is absent,
+            which ONNX Runtime does to B, never to A; Gemm's bias may be listed).
         output: the output shape.
     """
-    rows = output[-2] if len(output) >= 2 else 1
-    cols = output[-1] if output else 1
     k = None
     if op in ("Gemm", "FusedGemm"):
-        first = inputs[0] if inputs else ()
-        if len(first) == 2 and rows in first:
-            k = math.prod(first) // rows  # A is (M, K), or (K, M) with transA
-    elif len(inputs) >= 2 and len(inputs[0]) == 1:
-        k = inputs[0][0]  # 1-D A
-    elif inputs:
+        a = inputs[0] if inputs else ()
+        if len(a) == 2 and output and output[0] in a:
+            k = a[0] * a[1] // output[0]  # A is (M, K), or (K, M) with transA
+    elif len(inputs) >= 2:  # both operands listed: the first is A
+        a = inputs[0]
+        if op == "MatMul" or len(a) == 1 or len(output) < 2:
+            k = a[-1]  # MatMul's A is (..., M, K) or (K,)
+        else:
+            k = math.prod(a[-2:]) // output[-2]  # FusedMatMul's A is (..., M, K) or, transposed, (..., K, M)
+    elif inputs:  # B was pre-packed
         x = inputs[0]
-        if len(x) == 1:
-            k = x[0]
-        elif len(inputs) >= 2 or rows in x[-2:]:
-            k = math.prod(x[-2:]) // rows  # x is A: (M, K) or (K, M)
-        elif cols in x[-2:]:
-            k = math.prod(x[-2:]) // cols  # only B is listed: (K, N) or (N, K)
+        if len(x) >= 2 and x[:-1] == output[:-1]:
+            k = x[-1]  # x is A (..., M, K)
+        else:
+            k = x[-2] if len(x) >= 2 else x[0]  # x is B (..., K, N) or (K,)
     if not k:
         raise FlopCountError(f"cannot count FLOPs of {op} with operands {inputs} -> {output}")
     return 2 * math.prod(output) * k
