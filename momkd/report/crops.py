@@ -54,8 +54,8 @@ class _Crops:
 
 def crop_montages(hits: list[CodeHit], slides_dir: Path, features_dir: Path, out_dir: Path,
                   class_names: tuple[str, str], log: Callable[[str], None]) -> tuple[list[tuple[str, Path]], list[str]]:
-    """Write ``out_dir/codes_fold{K}_{bank}.png`` per fold and bank; returns ((caption, path) list, notes).
-    Without openslide nothing is drawn and the note says so."""
+    """Write ``out_dir/codes_fold{K}_{bank}.png`` per fold and bank that has at least one crop; returns
+    ((caption, path) list, notes). Without openslide nothing is drawn and the note says so."""
     if openslide_module() is None:
         return [], ["openslide is not installed (pip install openslide-python openslide-bin): no patch crops"]
     notes: list[str] = []
@@ -71,15 +71,19 @@ def crop_montages(hits: list[CodeHit], slides_dir: Path, features_dir: Path, out
             axes = fig.subplots(n_codes, k, squeeze=False)
             for ax in axes.ravel():
                 ax.set_axis_off()
+            drawn = 0
             for hit in group:
                 ax = axes[hit.code, hit.rank - 1]
                 image = crops.crop(hit)
                 if image is not None:
                     ax.imshow(image)
+                    drawn += 1
                 ax.set_title(f"{hit.slide_id}\n{hit.similarity:.3f}", fontsize=6)
                 if hit.rank == 1:
                     ax.text(-0.08, 0.5, f"code {hit.code}", transform=ax.transAxes, rotation=90, fontsize=7,
                             ha="right", va="center")
+            if not drawn:   # no slide image for any of these patches (noted): no empty montage
+                continue
             label = class_names[1] if bank == "positive" else class_names[0]
             fig.suptitle(f"fold {fold}: {bank} bank ({label}), top {k} test patches per code", fontsize=9)
             path = out_dir / f"codes_fold{fold}_{bank}.png"
