@@ -83,9 +83,9 @@ def profile_products(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def count_matmul_flops(onnx_path: str | Path, features: np.ndarray, neighbors: np.ndarray,
-                       slide_offsets: np.ndarray, threads: int | None = None) -> int:
-    """Matrix-product FLOPs of one call of the ONNX model on these inputs (one profiled ONNX Runtime CPU run).
+def profile_events(onnx_path: str | Path, features: np.ndarray, neighbors: np.ndarray, slide_offsets: np.ndarray,
+                   threads: int | None = None) -> list[dict[str, Any]]:
+    """The ONNX Runtime CPU profile (chrome-trace events) of one call of the model on these inputs.
 
     Args:
         onnx_path: the model folder's ``model.onnx``.
@@ -94,7 +94,7 @@ def count_matmul_flops(onnx_path: str | Path, features: np.ndarray, neighbors: n
     """
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory(prefix="momkd-flops-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="momkd-profile-") as tmp:
         so = ort.SessionOptions()
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "profile")
@@ -108,8 +108,14 @@ def count_matmul_flops(onnx_path: str | Path, features: np.ndarray, neighbors: n
                  "neighbors": neighbors.astype(np.int64, copy=False),
                  "slide_offsets": slide_offsets.astype(np.int64, copy=False)}
         session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    products = profile_products(events)
+        return json.loads(Path(session.end_profiling()).read_text())
+
+
+def count_matmul_flops(onnx_path: str | Path, features: np.ndarray, neighbors: np.ndarray,
+                       slide_offsets: np.ndarray, threads: int | None = None) -> int:
+    """Matrix-product FLOPs of one call of the ONNX model on these inputs (one profiled ONNX Runtime CPU run;
+    arguments as :func:`profile_events`)."""
+    products = profile_products(profile_events(onnx_path, features, neighbors, slide_offsets, threads))
     if not products:
         raise FlopCountError(f"{onnx_path}: the ONNX Runtime profile lists no matrix products")
     return sum(p["flops"] for p in products)
