@@ -79,6 +79,7 @@ def load_training_data(
         omics=report.omics,
         feature_dim=report.summary["feature_dim"],
         encoder=report.summary.get("encoder"),
-        sources={"cohort": str(cohort_csv), "features": str(features_dir),
-                 "omics": str(omics_path) if omics_path else None, "label_col": label_col, "positive": positive},
+        sources={"cohort": str(Path(cohort_csv).resolve()), "features": str(Path(features_dir).resolve()),
+                 "omics": str(Path(omics_path).resolve()) if omics_path else None, "label_col": label_col,
+                 "positive": positive},
     )
