@@ -17,6 +17,7 @@ Knobs: ``MOMKD_BENCH_HEAD_NS`` (10000,100000,200000), ``MOMKD_BENCH_ROUNDS`` (20
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -46,6 +47,7 @@ VARIANTS = [  # (impl, precision, fused input precision)
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+@functools.lru_cache(maxsize=2)
 def head_case(n: int, preset: str) -> tuple[torch.Tensor, ...]:
     """(embeddings (n, D), weight (D_N, D), bias (D_N,), codes_pos, codes_neg (n_codes, D_N), offsets [0, n])."""
     dim, proj_dim, n_codes = DIMS[preset]

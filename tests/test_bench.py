@@ -178,3 +178,42 @@ def test_bench_missing_model_folder_and_json_folder(paper_model, tmp_path: Path)
     assert result.exit_code == 2 and "error:" in result.output and len(result.output.strip().splitlines()) == 1
     result = runner.invoke(app, ["bench", str(paper_model[1]), "--json", str(tmp_path)])
     assert result.exit_code == 2 and "is a folder" in result.output
+
+
+# --------------------------------------------------------------------------- benchmarks/report.py
+def test_report_script_tables_and_plot(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).parents[1] / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    bench = [{"backend": "onnxruntime", "device": "cpu", "precision": "fp32", "n_patches": n, "slides_per_pack": 1,
+              "median_ms": n / 100, "gflop_per_s": 50.0, "max_abs_dprob": 1e-7, "status": "ok"} for n in (100, 1000)]
+    bench.append({"backend": "torch", "device": "cuda", "precision": "fp32", "n_patches": None, "status": "skipped"})
+    stats = {"median": 0.002, "rounds": 5}
+    pytest_json = {"benchmarks": [
+        {"name": "lat", "stats": stats, "extra_info": {"suite": "latency", "backend": "torch", "device": "cpu",
+                                                       "precision": "fp32", "n_patches": 100, "transfers": True}},
+        {"name": "h1", "stats": stats, "extra_info": {"suite": "head", "impl": "unfused", "precision": "fp32",
+                                                      "preset": "paper", "n_patches": 100, "device": "cuda",
+                                                      "device_ms": 1.0}},
+        {"name": "h2", "stats": stats, "extra_info": {"suite": "head", "impl": "fused", "input_precision": "tf32x3",
+                                                      "precision": "fp32", "preset": "paper", "n_patches": 100,
+                                                      "device": "cuda", "device_ms": 0.25}},
+        {"name": "train", "fullname": "test_train_step[20000-paper]", "stats": stats, "extra_info": {}},
+    ]}
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    (tmp_path / "p.json").write_text(json.dumps(pytest_json))
+    argv = [str(tmp_path / "p.json"), f"second={tmp_path / 'b.json'}", "--md", str(tmp_path / "r.md")]
+    if importlib.util.find_spec("matplotlib"):
+        argv += ["--png", str(tmp_path / "r.png")]
+    assert report.main(argv) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "| onnxruntime cpu fp32 [second] | 1000 | 10.00 |" in text
+    assert "| torch cpu fp32 | 100 | 2.00 |" in text
+    assert "| paper | fp32 | cuda | 100 | fused tf32x3 0.250, unfused 1.000 | 4.00 |" in text
+    assert "test_train_step[20000-paper]" in text
+    if "--png" in argv:
+        assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text("{}")
+    assert report.main([str(tmp_path / "bad.json")]) == 2

@@ -228,3 +228,33 @@ def test_gpu_model_eval_uses_the_kernel_and_matches_cpu(monkeypatch) -> None:
     assert calls and gpu_out.patch_proj is None
     assert (torch.softmax(gpu_out.logits.cpu(), -1) - torch.softmax(cpu.logits, -1)).abs().max() <= 1e-5
     assert (gpu_out.attention.cpu() - cpu.attention).abs().max() <= 1e-6
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_torch_backend_fused_matches_cpu(tmp_path) -> None:
+    """The runtime's torch backend on CUDA (model.pt -> momkd::memory_head -> the kernel) vs the same model.pt on
+    CPU in fp32, paper dims, D_in 1536: a 20000-patch slide and a pack of three slides. ``MOMKD_BENCH_MODEL_DIR``
+    names an exported folder to use; otherwise a random-weight one is exported here."""
+    from momkd.manifest import load_manifest
+    from momkd.runtime.backends import TorchBackend
+    from momkd.runtime.bench import _fused_note, synthetic_pack
+
+    model_dir = os.environ.get("MOMKD_BENCH_MODEL_DIR")
+    if not model_dir:
+        from momkd.export.synthetic import export_random_model
+
+        model_dir = tmp_path / "model"
+        export_random_model(model_dir, "paper", 1536, folds=1)
+    manifest = load_manifest(model_dir)
+    m = manifest.model
+    cpu = TorchBackend(manifest.torch_path, "cpu")
+    gpu_be = TorchBackend(manifest.torch_path, "cuda")
+    assert _fused_note(gpu_be) == "head: fused Triton kernel"
+    for n, slides in ((20000, 1), (6000, 3)):
+        pack = synthetic_pack(n, slides, m.feature_dim, m.k, m.graph_direction)
+        args = (pack.features, pack.neighbors, pack.slide_offsets)
+        want, got = cpu.run(*args), gpu_be.run(*args)
+        d = {k: float(np.abs(got[k] - want[k]).max()) for k in ("probability", "attention", "patch_score")}
+        print(f"\ntorch cuda (fused head) vs cpu fp32, N={n} x {slides}: {d}")
+        assert d["probability"] <= 1e-4 and d["attention"] <= 1e-6 and d["patch_score"] <= 1e-3, d
