@@ -12,7 +12,8 @@
 #   model      random-weight paper model folder, D_in 1536 (python -m momkd.export.synthetic)
 #   tests      pytest -m gpu: kernel parity at full size (fp32 tf32x3/ieee, fp16, bf16, launch configs), model
 #              eval through the kernel, torch-CUDA backend vs CPU fp32, the existing CUDA backend tests
-#   head       fused vs unfused memory head, N = 10k, 100k, 200k, paper + official dims, fp32/fp16/bf16
+#   head       fused vs unfused memory head, N = 10k, 100k, 200k, paper + official dims, fp32/fp16/bf16, and the
+#              fused kernel's launch configurations at N = 200k
 #   bench      momkd bench on cuda (torch backend fp32/fp16/bf16, N 1000/20000/50000, 1 and 8 slides per pack)
 #   bench_ab   the same model with the fused head off (MOMKD_FUSED_HEAD=0), N 20000: the head's share end to end
 #   latency    model latency vs N on the GPU, with and without host<->device copies (resident)
@@ -115,7 +116,7 @@ export MOMKD_BENCH_MODEL_DIR="$MODEL"
 step tests 240 "$PY" -m pytest -q -rs -s -p no:cacheprovider -m gpu $TEST_SEL --junitxml="$WORK/json/gpu_tests.xml"
 
 MOMKD_BENCH_HEAD_NS=$HEAD_NS MOMKD_BENCH_INTERPRET_MAX_N=$HEAD_NS MOMKD_BENCH_ROUNDS=$(( ROUNDS * 2 )) \
-    step head 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_head.py --benchmark-only \
+    step head 200 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_head.py --benchmark-only \
     --benchmark-json="$WORK/json/head.json"
 
 step bench 180 "${MOMKD[@]}" bench "$MODEL" --devices "$DEV" --backends torch,onnxruntime --precision fp32,fp16,bf16 \

@@ -128,7 +128,15 @@ def markdown(records: list[dict[str, Any]], benches: list[dict[str, Any]]) -> st
                       f"**{100 * info['roofline_fraction']:.0f}%** of {info['roofline_gflop_per_s']:.1f} GFLOP/s "
                       f"(engines {info['roofline_engines']}); matrix products {info['matrix_products_ms']} of "
                       f"{info['profiled_ms']} profiled ms; top ops {info['top_ops_ms']}", ""]
-    others = [b for b in benches if b.get("extra_info", {}).get("suite") not in ("latency", "head", "roofline")]
+    configs = [b["extra_info"] for b in benches if b.get("extra_info", {}).get("suite") == "head_config"]
+    if configs:
+        lines += ["## Fused head launch configurations (fp32)", "", "| preset | N | block_n | num_warps | ms |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {c['preset']} | {c['n_patches']} | {c['block_n']} | {c['num_warps']} | {c['device_ms']:.3f} |"
+                  for c in sorted(configs, key=lambda c: (c["preset"], c["device_ms"]))]
+        lines.append("")
+    others = [b for b in benches
+              if b.get("extra_info", {}).get("suite") not in ("latency", "head", "roofline", "head_config")]
     if others:
         lines += ["## Other benchmarks", "", "| benchmark | median ms | rounds |", "|---|---:|---:|"]
         lines += [f"| {b['fullname'] if 'fullname' in b else b['name']} | {b['stats']['median'] * 1e3:.1f} | "

@@ -10,7 +10,9 @@ default and "ieee"), fp16 and bf16 (fused: half embeddings; unfused: the fp32 re
 On CPU the fused kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set here when no GPU driver is
 present): a correctness path, timed only up to ``MOMKD_BENCH_INTERPRET_MAX_N`` (10000) rows, one round.
 
-Knobs: ``MOMKD_BENCH_HEAD_NS`` (10000,100000,200000), ``MOMKD_BENCH_ROUNDS`` (20 on CUDA, 3 on CPU). Run:
+On CUDA, ``test_fused_launch_config`` also times the fused kernel at the largest N under each ``block_n`` x
+``num_warps`` (to pick the launch defaults). Knobs: ``MOMKD_BENCH_HEAD_NS`` (10000,100000,200000),
+``MOMKD_BENCH_ROUNDS`` (20 on CUDA, 3 on CPU). Run:
 
     python -m pytest benchmarks/test_bench_head.py --benchmark-only --benchmark-json=head.json
 """
@@ -94,3 +96,30 @@ def test_memory_head(benchmark, impl: str, precision: str, input_precision: str 
         with torch.inference_mode():
             info["device_ms"] = triton.testing.do_bench(op, warmup=25, rep=200, return_mode="median")
     benchmark.extra_info.update(info)
+
+
+CONFIGS = [(block_n, warps) for block_n in (32, 64, 128) for warps in (4, 8)]
+
+
+@pytest.mark.skipif(not CUDA, reason="launch configurations: GPU only")
+@pytest.mark.parametrize("preset", list(DIMS))
+@pytest.mark.parametrize("block_n,num_warps", CONFIGS, ids=[f"block{b}-warps{w}" for b, w in CONFIGS])
+def test_fused_launch_config(benchmark, preset: str, block_n: int, num_warps: int) -> None:
+    """The fused kernel (fp32, default precision) at the largest N under each launch configuration: which
+    ``block_n`` / ``num_warps`` the defaults of ``fused_memory_head`` should be."""
+    n = max(NS)
+    args = head_case(n, preset)
+
+    def op() -> None:
+        fused_memory_head(*args, 0.2, block_n=block_n, num_warps=num_warps)
+
+    def call() -> None:
+        with torch.inference_mode():
+            op()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=3)
+    with torch.inference_mode():
+        device_ms = triton.testing.do_bench(op, warmup=25, rep=200, return_mode="median")
+    benchmark.extra_info.update(suite="head_config", preset=preset, n_patches=n, block_n=block_n,
+                                num_warps=num_warps, device_ms=device_ms, machine=machine_info())

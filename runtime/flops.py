@@ -84,13 +84,15 @@ def profile_products(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def profile_events(onnx_path: str | Path, features: np.ndarray, neighbors: np.ndarray, slide_offsets: np.ndarray,
-                   threads: int | None = None) -> list[dict[str, Any]]:
-    """The ONNX Runtime CPU profile (chrome-trace events) of one call of the model on these inputs.
+                   threads: int | None = None, runs: int = 1) -> list[dict[str, Any]]:
+    """The ONNX Runtime CPU profile (chrome-trace events) of the last of ``runs`` calls of the model on these inputs
+    (``runs > 1``: the earlier calls warm the session up, for node timings that mean something).
 
     Args:
         onnx_path: the model folder's ``model.onnx``.
         features: (N, D) float32; neighbors: (N, W) int64; slide_offsets: (B+1,) int64.
         threads: ONNX Runtime intra-op threads (default: its own choice).
+        runs: calls to make; only the last one's events are returned.
     """
     import onnxruntime as ort
 
@@ -107,8 +109,11 @@ def profile_events(onnx_path: str | Path, features: np.ndarray, neighbors: np.nd
                                              copy=False),
                  "neighbors": neighbors.astype(np.int64, copy=False),
                  "slide_offsets": slide_offsets.astype(np.int64, copy=False)}
-        session.run(None, feeds)
-        return json.loads(Path(session.end_profiling()).read_text())
+        for _ in range(max(1, runs)):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    last = max((e["ts"] for e in events if e.get("name") == "model_run"), default=0)
+    return [e for e in events if e.get("ts", 0) >= last]
 
 
 def count_matmul_flops(onnx_path: str | Path, features: np.ndarray, neighbors: np.ndarray,
