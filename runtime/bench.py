@@ -155,7 +155,7 @@ def skip_reason(target: Target, manifest: Manifest) -> str | None:
     return None
 
 
-def _fused_note(backend: TorchBackend) -> str:
+def head_note(backend: TorchBackend) -> str:
     """Whether the TorchScript model runs the fused Triton head (CUDA, a model.pt calling momkd::memory_head)."""
     from momkd.kernels.ops import fused_enabled
 
@@ -293,7 +293,7 @@ def run_bench(model_dir: str | Path, patches: list[int], slides_per_pack: list[i
                         try:
                             opened[key] = open_backend(t.backend, t.device, manifest, threads)
                             be = opened[key]
-                            notes[key] = be.detail + (f"; {_fused_note(be)}" if be.name == "torch" else "")
+                            notes[key] = be.detail + (f"; {head_note(be)}" if be.name == "torch" else "")
                         except MomkdError as e:
                             opened[key] = str(e)
                     be_or_error = opened[key]

@@ -238,7 +238,7 @@ def test_gpu_torch_backend_fused_matches_cpu(tmp_path) -> None:
     names an exported folder to use; otherwise a random-weight one is exported here."""
     from momkd.manifest import load_manifest
     from momkd.runtime.backends import TorchBackend
-    from momkd.runtime.bench import _fused_note, synthetic_pack
+    from momkd.runtime.bench import head_note, synthetic_pack
 
     model_dir = os.environ.get("MOMKD_BENCH_MODEL_DIR")
     if not model_dir:
@@ -250,7 +250,7 @@ def test_gpu_torch_backend_fused_matches_cpu(tmp_path) -> None:
     m = manifest.model
     cpu = TorchBackend(manifest.torch_path, "cpu")
     gpu_be = TorchBackend(manifest.torch_path, "cuda")
-    assert _fused_note(gpu_be) == "head: fused Triton kernel"
+    assert head_note(gpu_be) == "head: fused Triton kernel"
     for n, slides in ((20000, 1), (6000, 3)):
         pack = synthetic_pack(n, slides, m.feature_dim, m.k, m.graph_direction)
         args = (pack.features, pack.neighbors, pack.slide_offsets)
