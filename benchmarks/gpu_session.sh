@@ -115,7 +115,7 @@ export MOMKD_BENCH_MODEL_DIR="$MODEL"
 
 step tests 240 "$PY" -m pytest -q -rs -s -p no:cacheprovider -m gpu $TEST_SEL --junitxml="$WORK/json/gpu_tests.xml"
 
-MOMKD_BENCH_HEAD_NS=$HEAD_NS MOMKD_BENCH_INTERPRET_MAX_N=$HEAD_NS MOMKD_BENCH_ROUNDS=$(( ROUNDS * 2 )) \
+MOMKD_BENCH_HEAD_NS=$HEAD_NS MOMKD_BENCH_INTERPRET_MAX_N=${HEAD_NS##*,} MOMKD_BENCH_ROUNDS=$(( ROUNDS * 2 )) \
     step head 200 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_head.py --benchmark-only \
     --benchmark-json="$WORK/json/head.json"
 

@@ -128,7 +128,10 @@ def dropout_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: t
 
 def _head_mask(heads: int, channels: int, like: Tensor) -> Tensor:
     """(H*C, H) 0/1 matrix: row h*C + c has a 1 in column h."""
-    return torch.eye(heads, dtype=like.dtype, device=like.device).repeat_interleave(channels, dim=0)
+    # expand + reshape rather than repeat_interleave: a traced repeat_interleave keeps its repeat count as a CPU
+    # tensor constant, which breaks the TorchScript twin on CUDA
+    eye = torch.eye(heads, dtype=like.dtype, device=like.device)
+    return eye.unsqueeze(1).expand(heads, channels, heads).reshape(heads * channels, heads)
 
 
 def is_tracing() -> bool:
