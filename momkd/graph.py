@@ -123,7 +123,7 @@ def _tree_knn(c: np.ndarray, k: int, rows: np.ndarray, table: np.ndarray) -> Non
         chunk = max(1, _CHUNK_ELEMENTS // kq)
         for start in range(0, rows.size, chunk):
             r = rows[start:start + chunk]
-            dist, cand = tree.query(cf[r], k=kq)                          # (M, kq), by the tree's distance
+            dist, cand = tree.query(cf[r], k=kq, workers=-1)              # (M, kq), by the tree's distance
             dx = c[cand, 0] - c[r, 0][:, None]
             dy = c[cand, 1] - c[r, 1][:, None]
             sq = dx * dx + dy * dy                                        # exact squared distances
