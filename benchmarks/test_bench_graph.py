@@ -17,21 +17,14 @@ import numpy as np
 import pytest
 
 from momkd.graph import knn_table
+from momkd.runtime.toy import grid_coords
 
 N = 20000
 K = 8
 
 
-def patch_grid(n: int, seed: int = 0, fill: float = 0.8, step: int = 256) -> np.ndarray:
-    """(n, 2) int64 level-0 patch coordinates on a ``step``-px grid, a ``1 - fill`` share of cells missing."""
-    rng = np.random.default_rng(seed)
-    side = int(np.ceil(np.sqrt(n / fill)))
-    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2)
-    return grid[np.sort(rng.permutation(len(grid))[:n])].astype(np.int64) * step
-
-
 INPUTS = {
-    "grid_with_holes": lambda: patch_grid(N),
+    "grid_with_holes": lambda: grid_coords(N),
     "random_float": lambda: np.random.default_rng(0).uniform(0, 256 * 160, (N, 2)),
 }
 

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from momkd.config import preset
 from momkd.graph import neighbor_table
+from momkd.runtime.toy import grid_coords
 from momkd.losses import MoMKDLoss
 from momkd.models import build_model
 
@@ -46,15 +47,6 @@ def matmul_roofline_gflops(repeats: int = 5) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return 2 * 20000 * IN_DIM * 768 / float(np.median(times)) / 1e9
-
-
-def grid_coords(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 2) int64 TRIDENT-like patch grid (256-px patches on a square region with holes)."""
-    rng = np.random.default_rng(seed)
-    side = int(np.ceil(np.sqrt(n / 0.8)))
-    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2)
-    keep = rng.permutation(len(grid))[:n]
-    return grid[np.sort(keep)].astype(np.int64) * 256
 
 
 @pytest.mark.parametrize("preset_name", ["paper", "official"])

@@ -11,6 +11,7 @@ pytest.importorskip("torch_geometric")
 from torch_geometric.nn import GATv2Conv  # noqa: E402
 
 from momkd.models.encoder import table_to_edge_index  # noqa: E402
+from momkd.runtime.toy import grid_coords  # noqa: E402
 from momkd.models.gatv2 import (  # noqa: E402
     _POOL,
     DenseGATv2Conv,
@@ -22,14 +23,6 @@ from momkd.models.gatv2 import (  # noqa: E402
 
 K = 8
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def grid_coords(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 2) patch coordinates on a 256-px grid with holes (many exact distance ties, like real slides)."""
-    rng = np.random.default_rng(seed)
-    side = max(1, int(np.ceil(np.sqrt(n / 0.7))))
-    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2)
-    return grid[np.sort(rng.permutation(len(grid))[:n])].astype(np.int64) * 256
 
 
 def random_table(n: int, w: int, seed: int = 0, pad: float = 0.3) -> torch.Tensor:
