@@ -285,6 +285,15 @@ def test_packed_equals_one_slide_at_a_time(session) -> None:
     np.testing.assert_allclose(packed, alone, atol=1e-6)
 
 
+def test_tiny_slides_alone_match_the_eager_models(session, ensemble) -> None:
+    """Packs of 1..9 rows (fewer rows than the exported attention's row blocks included) == the eager models."""
+    for n in range(1, 10):
+        batch = slide_batch(40 + n, [n])
+        got, want = run_onnx(None, *batch, session=session), run_torch(ensemble, *batch)
+        for name in OUTPUTS:
+            np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0, err_msg=f"N={n} {name}")
+
+
 def test_probability_is_the_mean_of_fold_probabilities(session, paper_run: Path) -> None:
     """What `momkd evaluate` reports: mean over folds of softmax(logits)[:, 1] (not softmax of mean logits)."""
     run = load_run(paper_run)

@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+EXPORT_ROW_BLOCKS = 4  # row blocks of the traced (exported) attention: bounds the runtime's peak memory
+
+
 class NeighborPlan(NamedTuple):
     """Gather plan shared by every GATv2 layer of one forward pass."""
 
@@ -337,8 +340,17 @@ class DenseGATv2Conv(nn.Module):
         recording = torch.is_grad_enabled() and (xl.requires_grad or xr.requires_grad or self.att.requires_grad)
         if recording and self.fused_backward and not tracing:
             out = _DenseGATv2Attention.apply(xl, xr, self.att, plan.index, mask, self.negative_slope, drop_scale)
-        elif recording or tracing:
+        elif recording:
             out = _attend(xl, xr, self.att, plan.index, mask, self.negative_slope, drop_scale)[0]
+        elif tracing:  # exported graph: row blocks, so one block's (rows, W+1, H*C) temporaries live at a time
+            n = xr.shape[0]
+            rows = (n + EXPORT_ROW_BLOCKS - 1) // EXPORT_ROW_BLOCKS  # every block the same size (the last padded)
+            pad = rows * EXPORT_ROW_BLOCKS - n
+            xr_p = F.pad(xr, (0, 0, 0, pad)).view(EXPORT_ROW_BLOCKS, rows, -1)
+            index_p = F.pad(plan.index, (0, 0, 0, pad)).view(EXPORT_ROW_BLOCKS, rows, -1)
+            mask_p = F.pad(mask, (0, 0, 0, 0, 0, pad)).view(EXPORT_ROW_BLOCKS, rows, -1, 1)
+            out = torch.cat([_attend(xl, xr_p[b], self.att, index_p[b], mask_p[b], self.negative_slope, None)[0]
+                             for b in range(EXPORT_ROW_BLOCKS)])[:n]
         else:  # inference: pooled temporaries, given back at once
             out, *_, buffers = _attend(xl, xr, self.att, plan.index, mask, self.negative_slope, drop_scale, _POOL)
             _POOL.give(*buffers)
