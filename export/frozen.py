@@ -16,7 +16,6 @@ Contract (the one ``momkd.runtime`` runs)::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,23 +175,12 @@ def dense_twin(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
     return twin.eval()
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise RunFolderError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise RunFolderError(f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise RunFolderError(f"{path}: {what} is not a JSON object")
-    return data
-
-
 def load_run(run_dir: str | Path, fold: int | str | None = "all") -> LoadedRun:
     """Load the fold models of a finished run (``fold="all"``/``None``: every trained fold; an int: that fold).
 
     Raises ``RunFolderError`` (one line) for a missing or unfinished run folder or inconsistent folds.
     """
+    from momkd.report.runfolder import read_run_json
     from momkd.train.checkpoint import fold_dirs, load_checkpoint
 
     run = Path(run_dir)
@@ -204,8 +192,8 @@ def load_run(run_dir: str | Path, fold: int | str | None = "all") -> LoadedRun:
         raise RunFolderError(f"{run}: not a momkd run folder (no config.json)")
     if not (run / "summary.json").is_file():
         raise RunFolderError(f"{run}: unfinished run (no summary.json): let `momkd train` finish, or train again")
-    config = _read_json(run / "config.json", "config.json")
-    summary = _read_json(run / "summary.json", "summary.json")
+    config = read_run_json(run / "config.json")
+    summary = read_run_json(run / "summary.json")
     which = None if fold in (None, "all") else int(fold)
     dirs = fold_dirs(run, which)
     models, metas, folds = [], [], []

@@ -86,3 +86,13 @@ def make_bad_slide_files() -> Callable[[Path, int], dict[str, Path]]:
 def bad_slide_files(tmp_path: Path) -> dict[str, Path]:
     """Every bad-slide kind in a fresh folder, feature dim ``BAD_SLIDE_FEATURE_DIM``."""
     return plant_bad_slide_files(tmp_path / "bad_slides")
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory) -> Path:
+    """A torch-free toy model folder (``momkd.runtime.toy``): feature dim 8, classes ("low", "high")."""
+    from momkd.runtime.toy import build_toy_model_dir
+
+    d = tmp_path_factory.mktemp("toy") / "model"
+    build_toy_model_dir(d, feature_dim=8, class_names=("low", "high"))
+    return d

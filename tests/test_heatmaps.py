@@ -19,7 +19,7 @@ from momkd.cli.main import app  # noqa: E402
 from momkd.runtime import heatmap, wsi  # noqa: E402
 from momkd.runtime.heatmap_writer import HeatmapOptions  # noqa: E402
 from momkd.runtime.pipeline import run_inference  # noqa: E402
-from momkd.runtime.toy import build_toy_model_dir, grid_coords, write_slide_folder, write_trident_slide  # noqa: E402
+from momkd.runtime.toy import grid_coords, write_slide_folder, write_trident_slide  # noqa: E402
 
 DIM = 8
 runner = CliRunner()
@@ -36,13 +36,6 @@ def index_rows(out: Path) -> dict[str, dict[str, str]]:
         return {r["slide_id"]: r for r in csv.DictReader(f)}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("toy") / "model"
-    build_toy_model_dir(d, feature_dim=DIM, class_names=("low", "high"))
-    return d
-
-
 @pytest.fixture()
 def mixed(tmp_path: Path) -> Path:
     folder = tmp_path / "in"
@@ -54,11 +47,11 @@ def mixed(tmp_path: Path) -> Path:
     return folder
 
 
-def test_one_png_per_good_slide_none_for_failed(model_dir: Path, mixed: Path, tmp_path: Path) -> None:
+def test_one_png_per_good_slide_none_for_failed(toy_model_dir: Path, mixed: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "heatmaps").mkdir(parents=True)
     (out / "heatmaps" / "broken.png").write_bytes(b"stale")        # an older run's heatmap of a now-bad slide
-    result = runner.invoke(app, ["infer", str(model_dir), str(mixed), "--out", str(out), "--heatmaps"])
+    result = runner.invoke(app, ["infer", str(toy_model_dir), str(mixed), "--out", str(out), "--heatmaps"])
     assert result.exit_code == 1, result.output
     assert "3 heatmaps -> " in result.stdout
     pngs = sorted(p.name for p in (out / "heatmaps").glob("*.png"))
@@ -70,9 +63,9 @@ def test_one_png_per_good_slide_none_for_failed(model_dir: Path, mixed: Path, tm
     assert {r["status"] for r in rows.values()} == {"ok"}
 
 
-def test_score_values_and_resume(model_dir: Path, tmp_path: Path) -> None:
+def test_score_values_and_resume(toy_model_dir: Path, tmp_path: Path) -> None:
     write_slide_folder(tmp_path / "in", [30, 50], DIM)
-    args = ["infer", str(model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--heatmaps",
+    args = ["infer", str(toy_model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--heatmaps",
             "--heatmap-value", "score", "-q"]
     assert runner.invoke(app, args).exit_code == 0
     (tmp_path / "out" / "heatmaps" / "slide_001.png").unlink()     # a missing heatmap makes --resume redo it
@@ -84,7 +77,7 @@ def test_score_values_and_resume(model_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "heatmaps" / "slide_001.png").is_file()
 
 
-def test_a_failing_heatmap_is_recorded_and_the_run_goes_on(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_failing_heatmap_is_recorded_and_the_run_goes_on(toy_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     write_slide_folder(tmp_path / "in", [20, 25, 30], DIM)
     real = heatmap.render_heatmap
 
@@ -95,7 +88,7 @@ def test_a_failing_heatmap_is_recorded_and_the_run_goes_on(model_dir: Path, tmp_
 
     monkeypatch.setattr(heatmap, "render_heatmap", flaky)
     logged: list[str] = []
-    summary = run_inference(model_dir, tmp_path / "in", tmp_path / "out", heatmaps=HeatmapOptions(),
+    summary = run_inference(toy_model_dir, tmp_path / "in", tmp_path / "out", heatmaps=HeatmapOptions(),
                             log=logged.append)
     assert summary.exit_code == 0 and summary.n_ok == 3          # the predictions stand
     assert summary.heatmaps.n_ok == 2 and set(summary.heatmaps.failures) == {"slide_001"}
@@ -106,7 +99,7 @@ def test_a_failing_heatmap_is_recorded_and_the_run_goes_on(model_dir: Path, tmp_
     assert any(m.startswith("heatmap failed: slide_001: RuntimeError: disk full") for m in logged)
 
 
-def test_patch_size_from_trident_attribute_else_spacing(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_patch_size_from_trident_attribute_else_spacing(toy_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -123,7 +116,7 @@ def test_patch_size_from_trident_attribute_else_spacing(model_dir: Path, tmp_pat
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(heatmap, "render_heatmap", spy)
-    run_inference(model_dir, folder, tmp_path / "out", heatmaps=HeatmapOptions())
+    run_inference(toy_model_dir, folder, tmp_path / "out", heatmaps=HeatmapOptions())
     assert seen == {"trident": 448, "clam": 224}
 
 
@@ -147,9 +140,9 @@ def test_a_large_slide_renders_in_seconds(tmp_path: Path) -> None:
     assert pixel_variance(tmp_path / "big.png") > 0
 
 
-def test_option_errors_are_one_line(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_option_errors_are_one_line(toy_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     write_slide_folder(tmp_path / "in", [5], DIM)
-    base = ["infer", str(model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "out")]
+    base = ["infer", str(toy_model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "out")]
     for extra, expected in ((["--slides", str(tmp_path)], "--slides is only used with --heatmaps"),
                             (["--heatmaps", "--slides", str(tmp_path / "nowhere")], "--slides folder does not exist")):
         result = runner.invoke(app, base + extra)
@@ -160,11 +153,11 @@ def test_option_errors_are_one_line(model_dir: Path, tmp_path: Path, monkeypatch
     assert not (tmp_path / "out").exists()
 
 
-def test_slides_without_openslide_draw_the_grid_and_say_so(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_slides_without_openslide_draw_the_grid_and_say_so(toy_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(wsi, "openslide_module", lambda: None)
     write_slide_folder(tmp_path / "in", [12], DIM)
     (tmp_path / "wsi").mkdir()
-    result = runner.invoke(app, ["infer", str(model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+    result = runner.invoke(app, ["infer", str(toy_model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "out"),
                                  "--heatmaps", "--slides", str(tmp_path / "wsi")])
     assert result.exit_code == 0, result.output
     notes = [ln for ln in result.stderr.splitlines() if "openslide is not installed" in ln]
@@ -184,7 +177,7 @@ def write_generic_tiff(path: Path, coords: np.ndarray, patch: int) -> None:
             tif.write(level0[::step, ::step], tile=(256, 256), photometric="rgb", compression="zlib")
 
 
-def test_overlay_on_the_slide_thumbnail_and_crops(model_dir: Path, tmp_path: Path) -> None:
+def test_overlay_on_the_slide_thumbnail_and_crops(toy_model_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("openslide")
     if wsi.openslide_module() is None:
         pytest.skip("libopenslide is not loadable")
@@ -192,7 +185,7 @@ def test_overlay_on_the_slide_thumbnail_and_crops(model_dir: Path, tmp_path: Pat
     coords = slides["slide_000"][1]
     (tmp_path / "wsi").mkdir()
     write_generic_tiff(tmp_path / "wsi" / "slide_000.tif", coords, 256)
-    result = runner.invoke(app, ["infer", str(model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+    result = runner.invoke(app, ["infer", str(toy_model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "out"),
                                  "--heatmaps", "--slides", str(tmp_path / "wsi")])
     assert result.exit_code == 0, result.output
     assert index_rows(tmp_path / "out")["slide_000"]["background"] == "slide image slide_000.tif"

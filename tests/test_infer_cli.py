@@ -14,17 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from momkd.cli.main import app
-from momkd.runtime.toy import build_toy_model_dir, write_slide_folder
+from momkd.runtime.toy import write_slide_folder
 
 DIM = 8
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("toy") / "model"
-    build_toy_model_dir(d, feature_dim=DIM, class_names=("low", "high"))
-    return d
 
 
 @pytest.fixture()
@@ -44,9 +37,9 @@ def read_rows(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_mixed_folder_exit_1_one_row_per_file(model_dir: Path, mixed: Path, tmp_path: Path) -> None:
+def test_mixed_folder_exit_1_one_row_per_file(toy_model_dir: Path, mixed: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = runner.invoke(app, ["infer", str(model_dir), str(mixed), "--out", str(out), "--batch-patches", "10"])
+    result = runner.invoke(app, ["infer", str(toy_model_dir), str(mixed), "--out", str(out), "--batch-patches", "10"])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     assert "3 ok, 3 failed" in result.stdout and "slides/s (onnxruntime, cpu)" in result.stdout
@@ -59,9 +52,9 @@ def test_mixed_folder_exit_1_one_row_per_file(model_dir: Path, mixed: Path, tmp_
     assert "broken.h5" in result.stderr        # each failure is also reported as it happens
 
 
-def test_all_ok_exit_0_and_resume(model_dir: Path, tmp_path: Path) -> None:
+def test_all_ok_exit_0_and_resume(toy_model_dir: Path, tmp_path: Path) -> None:
     write_slide_folder(tmp_path / "in", [5, 7], DIM)
-    args = ["infer", str(model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]
+    args = ["infer", str(toy_model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert first.stdout.startswith("2 ok, 0 failed")
@@ -72,17 +65,17 @@ def test_all_ok_exit_0_and_resume(model_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", ["missing_model", "tampered", "out_inside_input", "missing_folder", "bad_backend",
                                   "tensorrt_here", "bad_device"])
-def test_usage_and_model_errors_exit_2_without_traceback(model_dir: Path, tmp_path: Path, case: str) -> None:
+def test_usage_and_model_errors_exit_2_without_traceback(toy_model_dir: Path, tmp_path: Path, case: str) -> None:
     import shutil
 
     folder = tmp_path / "in"
     write_slide_folder(folder, [5], DIM)
-    model, out, extra = model_dir, tmp_path / "out", []
+    model, out, extra = toy_model_dir, tmp_path / "out", []
     if case == "missing_model":
         model = tmp_path / "nope"
     elif case == "tampered":
         model = tmp_path / "model"
-        shutil.copytree(model_dir, model)
+        shutil.copytree(toy_model_dir, model)
         (model / "model.onnx").write_bytes(b"x" + (model / "model.onnx").read_bytes())
     elif case == "out_inside_input":
         out = folder / "out"
@@ -111,11 +104,11 @@ def test_help_lists_the_options() -> None:
         assert opt in result.stdout
 
 
-def test_subprocess_with_torch_blocked(model_dir: Path, mixed: Path, tmp_path: Path) -> None:
+def test_subprocess_with_torch_blocked(toy_model_dir: Path, mixed: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = ("import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None; "
             "from momkd.cli.main import app; app()")
-    result = subprocess.run([sys.executable, "-c", code, "infer", str(model_dir), str(mixed), "--out", str(out),
+    result = subprocess.run([sys.executable, "-c", code, "infer", str(toy_model_dir), str(mixed), "--out", str(out),
                              "--save-attention", "--workers", "2"],
                             capture_output=True, text=True, timeout=120, env={**os.environ, "MOMKD_DEBUG": ""})
     assert result.returncode == 1, result.stderr

@@ -73,7 +73,8 @@ class RunRecord:
         return str(names[0]), str(names[1])
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A run folder's JSON object (config.json, summary.json, ...); ``RunFolderError`` (one line) otherwise."""
     if not path.is_file():
         raise RunFolderError(f"{path}: missing (is {path.parent} a finished momkd run folder?)")
     try:
@@ -153,9 +154,9 @@ def load_run(run_dir: str | Path) -> RunRecord:
     path = Path(run_dir)
     if not path.is_dir():
         raise RunFolderError(f"{path}: run folder does not exist")
-    summary = _read_json(path / SUMMARY)
+    summary = read_run_json(path / SUMMARY)
     _check_summary(path / SUMMARY, summary)
-    config = _read_json(path / CONFIG)
+    config = read_run_json(path / CONFIG)
     folds = []
     for record in summary["folds"]:
         k = int(record["fold"])
