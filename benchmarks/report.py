@@ -128,6 +128,10 @@ def markdown(records: list[dict[str, Any]], benches: list[dict[str, Any]]) -> st
                       f"**{100 * info['roofline_fraction']:.0f}%** of {info['roofline_gflop_per_s']:.1f} GFLOP/s "
                       f"(engines {info['roofline_engines']}); matrix products {info['matrix_products_ms']} of "
                       f"{info['profiled_ms']} profiled ms; top ops {info['top_ops_ms']}", ""]
+            if "products_only_fraction" in info:  # recorded since the bound decomposition was added
+                lines += [f"With every non-product node free: {100 * info['products_only_fraction']:.0f}%; "
+                          f"largest product {info['largest_product']}; per-edge (W+1) nodes "
+                          f"{info['neighbourhood_ms']} ms", ""]
     configs = [b["extra_info"] for b in benches if b.get("extra_info", {}).get("suite") == "head_config"]
     if configs:
         lines += ["## Fused head launch configurations (fp32)", "", "| preset | N | block_n | num_warps | ms |",

@@ -183,12 +183,11 @@ def _attend(
     alpha_d = alpha if drop_scale is None else alpha * drop_scale
     out = torch.bmm(alpha_d.transpose(1, 2), xj)  # (N, H, HC): head h's weights applied to every channel
     if heads > 1:  # keep the diagonal blocks (head h's weights on head h's channels)
-        blocks = out.view(n, heads, heads, channels)
-        if pool is None:
-            eye = torch.eye(heads, dtype=out.dtype, device=out.device).view(1, heads, heads, 1)
-            out = (blocks * eye).sum(dim=1)
+        if pool is None:  # one gather of the H diagonal blocks 0, H+1, 2(H+1), ... (a single Gather when exported)
+            diagonal = torch.arange(heads, device=out.device) * (heads + 1)
+            out = out.view(n, heads * heads, channels).index_select(1, diagonal)
         else:
-            out = torch.diagonal(blocks, dim1=1, dim2=2).transpose(1, 2)
+            out = torch.diagonal(out.view(n, heads, heads, channels), dim1=1, dim2=2).transpose(1, 2)
     return out.reshape(n, hc), xj, r, alpha, alpha_d, buffers
 
 
