@@ -131,7 +131,8 @@ def markdown(records: list[dict[str, Any]], benches: list[dict[str, Any]]) -> st
             if "products_only_fraction" in info:  # recorded since the bound decomposition was added
                 lines += [f"With every non-product node free: {100 * info['products_only_fraction']:.0f}%; "
                           f"largest product {info['largest_product']}; per-edge (W+1) nodes "
-                          f"{info['neighbourhood_ms']} ms", ""]
+                          f"{info['neighbourhood_ms']} ms (if they took no time: "
+                          f"{100 * info['without_neighbourhood_fraction']:.0f}%)", ""]
     configs = [b["extra_info"] for b in benches if b.get("extra_info", {}).get("suite") == "head_config"]
     if configs:
         lines += ["## Fused head launch configurations (fp32)", "", "| preset | N | block_n | num_warps | ms |",

@@ -1,6 +1,6 @@
 """`momkd infer` throughput on a folder of TRIDENT-layout files (one-row chunks, as TRIDENT writes them) versus the
-compute-only slide rate (the same packs, already in memory, through the same backend), and the peak RSS of one
-100000-patch slide.
+compute-only slide rate (the same packs, already in memory, through the same backend), and the peak RSS of
+100000-patch slides (one alone; 100k, 30k and 100k in one folder).
 
 The model is a toy with the exported graph's exact I/O (``momkd.runtime.toy``, a dense layer + neighbour mean +
 per-slide softmax pooling) unless ``MOMKD_BENCH_MODEL_DIR`` names a real model folder from ``momkd export``.
@@ -125,14 +125,18 @@ def test_folder_throughput_vs_compute_only(benchmark, bench_model: Path, bench_f
         assert ratio >= 0.9, info
 
 
-def test_peak_rss_one_100k_patch_slide(benchmark, bench_model: Path, tmp_path: Path) -> None:
-    """`momkd infer` (a fresh process, torch blocked) on one 100000-patch TRIDENT file; peak RSS of that process."""
+@pytest.mark.parametrize("sizes", [(100_000,), (100_000, 30_000, 100_000)], ids=["100k", "100k-30k-100k"])
+def test_peak_rss_100k_patch_slides(benchmark, bench_model: Path, tmp_path: Path, sizes: tuple[int, ...]) -> None:
+    """`momkd infer` (a fresh process, torch blocked) on a folder of TRIDENT files of these sizes (one 100000-patch
+    slide, or 100k, 30k and 100k patches, read in that order); peak RSS of that process."""
     dim = load_manifest(bench_model).model.feature_dim
     folder = tmp_path / "big"
     folder.mkdir()
-    n = 100_000
     rng = np.random.default_rng(0)
-    write_trident_slide(folder / "big.h5", rng.standard_normal((n, dim), dtype=np.float32), grid_coords(n))
+    for i, size in enumerate(sizes):
+        write_trident_slide(folder / f"slide_{i}.h5", rng.standard_normal((size, dim), dtype=np.float32),
+                            grid_coords(size))
+    n = max(sizes)
     code = ("import resource, sys; sys.modules['torch'] = None\n"
             "from momkd.cli.main import app\n"
             "try:\n    app()\nexcept SystemExit as e:\n    rc = e.code\n"
@@ -145,8 +149,8 @@ def test_peak_rss_one_100k_patch_slide(benchmark, bench_model: Path, tmp_path: P
     wall = benchmark.stats.stats.max
     assert r.returncode == 0, r.stderr
     peak_gb = int(r.stdout.split("MAXRSS_KB")[-1].split()[0]) / 2**20
-    features_gb = n * dim * 4 / 2**30
-    info = {"device": _device(), "model": str(bench_model), "patches": n, "feature_dim": dim,
+    features_gb = n * dim * 4 / 2**30  # the largest slide's
+    info = {"device": _device(), "model": str(bench_model), "patches": list(sizes), "feature_dim": dim,
             "features_gib": round(features_gb, 3), "peak_rss_gib": round(peak_gb, 3), "wall_s": round(wall, 2),
             "summary": r.stdout.splitlines()[0]}
     benchmark.extra_info.update(info)

@@ -14,6 +14,7 @@ import ctypes
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -88,6 +89,34 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int32)": np.int32, "tensor(double)": np.float64}
 
 
+_CPU_ARENA_LOCK = threading.Lock()
+_cpu_arena: bool | None = None  # None: not tried yet in this process
+
+
+def shared_cpu_arena() -> bool:
+    """Register (once per process) the CPU arena every ONNX Runtime CPU session of momkd uses: it extends by what
+    is requested (``kSameAsRequested``) instead of rounding each extension up to the next power of two, and it
+    is shared by the sessions of the process. Returns False where this onnxruntime cannot (sessions then keep
+    their own default arena).
+
+    With ONNX Runtime's defaults (a per-session power-of-two arena plus memory patterns), a two-fold paper model
+    run on slides of 100000, 30000 and 100000 patches peaked at 7.1 GiB; with this arena and memory patterns off,
+    3.96 GiB, at the same speed (``benchmarks/RESULTS.md``)."""
+    global _cpu_arena
+    with _CPU_ARENA_LOCK:
+        if _cpu_arena is None:
+            import onnxruntime as ort
+
+            try:
+                info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                # (max_mem 0 = no limit, extend strategy 1 = kSameAsRequested, default chunk and dead-bytes sizes)
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+                _cpu_arena = True
+            except Exception:  # noqa: BLE001 - an older onnxruntime without env allocators: its default arena
+                _cpu_arena = False
+        return _cpu_arena
+
+
 class OnnxRuntimeBackend:
     """ONNX Runtime: CPU EP, or CUDA EP (``device="cuda"``, needs onnxruntime-gpu).
 
@@ -119,7 +148,10 @@ class OnnxRuntimeBackend:
         so.intra_op_num_threads = threads or cpu_count()
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.enable_mem_pattern = True
+        # memory patterns pre-plan one block per input shape, and every pack has a new N: no gain, more memory
+        so.enable_mem_pattern = kind != "cpu"
+        if kind == "cpu" and shared_cpu_arena():
+            so.add_session_config_entry("session.use_env_allocators", "1")
         so.log_severity_level = 3
         if not spinning:  # leave the cores to the reader threads while a call waits
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")

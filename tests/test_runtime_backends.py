@@ -16,7 +16,7 @@ from momkd.errors import ModelFolderError
 from momkd.graph import neighbor_table
 from momkd.manifest import load_manifest, write_manifest
 from momkd.runtime.backends import (TENSORRT_MISSING, BackendError, OnnxRuntimeBackend, TensorRTBackend, cpu_count,
-                                    importable, parse_device, select_backend)
+                                    importable, parse_device, select_backend, shared_cpu_arena)
 from momkd.runtime.packing import PackSlide, pack_slides
 from momkd.runtime.pipeline import run_inference
 from momkd.runtime.toy import build_toy_model_dir, grid_coords, toy_reference, write_slide_folder
@@ -80,10 +80,16 @@ def test_onnxruntime_cpu_session_options_and_outputs(toy) -> None:
     import onnxruntime as ort
 
     assert opts.intra_op_num_threads == cpu_count()
-    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL and opts.enable_mem_pattern
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # every pack has a new N: no memory patterns, and the process-wide exact-size arena instead of a session's own
+    assert not opts.enable_mem_pattern and shared_cpu_arena()
+    assert opts.get_session_config_entry("session.use_env_allocators") == "1"
     assert be.session.get_providers() == ["CPUExecutionProvider"] and be.detail == "CPUExecutionProvider"
     pack, raw = _batch()
     _check(be.run(pack.features, pack.neighbors, pack.slide_offsets), pack, raw, params)
+    # a second session in the same process shares the arena (registered once) and gives the same outputs
+    again = OnnxRuntimeBackend(model_dir / "model.onnx", "cpu", feature_dim=DIM)
+    _check(again.run(pack.features, pack.neighbors, pack.slide_offsets), pack, raw, params)
 
 
 def test_onnxruntime_refuses_a_model_with_the_wrong_signature(toy, tmp_path: Path) -> None:
