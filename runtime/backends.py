@@ -148,8 +148,12 @@ class OnnxRuntimeBackend:
         so.intra_op_num_threads = threads or cpu_count()
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # memory patterns pre-plan one block per input shape, and every pack has a new N: no gain, more memory
+        # On CPU: memory patterns pre-plan one block per input shape, and every pack has a new N: no gain, more
+        # memory. The planner's buffer reuse hands a dead tensor's buffer to a later tensor of the same symbolic
+        # shape, which in a fold ensemble keeps the first fold's buffers through the second: off (the shared
+        # arena below reuses freed blocks anyway; same speed, bit-identical outputs).
         so.enable_mem_pattern = kind != "cpu"
+        so.enable_mem_reuse = kind != "cpu"
         if kind == "cpu" and shared_cpu_arena():
             so.add_session_config_entry("session.use_env_allocators", "1")
         so.log_severity_level = 3

@@ -82,7 +82,7 @@ def test_onnxruntime_cpu_session_options_and_outputs(toy) -> None:
     assert opts.intra_op_num_threads == cpu_count()
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # every pack has a new N: no memory patterns, and the process-wide exact-size arena instead of a session's own
-    assert not opts.enable_mem_pattern and shared_cpu_arena()
+    assert not opts.enable_mem_pattern and not opts.enable_mem_reuse and shared_cpu_arena()
     assert opts.get_session_config_entry("session.use_env_allocators") == "1"
     assert be.session.get_providers() == ["CPUExecutionProvider"] and be.detail == "CPUExecutionProvider"
     pack, raw = _batch()
