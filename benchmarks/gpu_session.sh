@@ -8,7 +8,9 @@
 #
 # Every step runs under `timeout`, is independent of the others (a failed step is logged and the next one runs)
 # and all of them share one deadline: GPU_SESSION_BUDGET seconds (default 330) from the start; a step that would
-# start with less than 15 s left is skipped. Steps, most important first:
+# start with less than 15 s left is skipped. GPU_SESSION_STEPS (space-separated step names) runs only those, in
+# the order below, e.g. GPU_SESSION_STEPS="model tests latency profile folder" for the steps a session still
+# lacks (benchmarks/RESULTS.md says which). Steps, most important first:
 #   model      random-weight paper model folder, D_in 1536 (python -m momkd.export.synthetic)
 #   tests      pytest -m gpu: kernel parity at full size (fp32 tf32x3/ieee, fp16, bf16, launch configs), model
 #              eval through the kernel, torch-CUDA backend vs CPU fp32, the existing CUDA backend tests
@@ -80,6 +82,10 @@ pack_results() {  # everything so far, one file (the device tool returns at most
 step() {  # step NAME MAX_SECONDS CMD...: run CMD under timeout, log it, record ok/failed/timeout/skipped
     local name=$1 max=$2
     shift 2
+    if [ -n "${GPU_SESSION_STEPS:-}" ] && [[ " $GPU_SESSION_STEPS " != *" $name "* ]]; then
+        printf '%s\tnot selected\t0\n' "$name" >> "$STATUS"
+        return 0
+    fi
     local left=$(( BUDGET - ($(date +%s) - START) ))
     if [ "$left" -lt 15 ]; then
         say "SKIP $name (out of time: ${left}s left of ${BUDGET}s)"
