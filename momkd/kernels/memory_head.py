@@ -44,6 +44,24 @@ MIN_DOT = 16   # tl.dot needs every tile dimension >= 16
 
 
 @triton.jit
+def _slide_blocks(slide, offsets_ptr, cum_ptr, BLOCK_N: tl.constexpr):
+    """Rows [start, end) of ``slide``, and its partial blocks ``first .. first + n_blocks - 1``."""
+    start = tl.load(offsets_ptr + slide)
+    end = tl.load(offsets_ptr + slide + 1)
+    n_blocks = (end - start + BLOCK_N - 1) // BLOCK_N
+    first = tl.load(cum_ptr + slide) - n_blocks
+    return start, end, n_blocks, first
+
+
+@triton.jit
+def _block_rows(pid, slide, offsets_ptr, cum_ptr, BLOCK_N: tl.constexpr):
+    """The ``BLOCK_N`` row indices of block ``pid`` (one of ``slide``'s) and which of them are rows of the slide."""
+    start, end, n_blocks, first = _slide_blocks(slide, offsets_ptr, cum_ptr, BLOCK_N)
+    rows = start + (pid - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < end
+
+
+@triton.jit
 def _head_partials_kernel(
     emb_ptr, w_ptr, bias_ptr, pos_ptr, neg_ptr, tau_ptr, offsets_ptr, cum_ptr, block_slide_ptr,
     score_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -55,12 +73,7 @@ def _head_partials_kernel(
     pid = tl.program_id(0)
     slide = tl.load(block_slide_ptr + pid)
     if slide < n_slides:
-        start = tl.load(offsets_ptr + slide)
-        end = tl.load(offsets_ptr + slide + 1)
-        n_blocks = (end - start + BLOCK_N - 1) // BLOCK_N
-        first = tl.load(cum_ptr + slide) - n_blocks
-        rows = start + (pid - first) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < end
+        rows, row_ok = _block_rows(pid, slide, offsets_ptr, cum_ptr, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         dn = tl.arange(0, BLOCK_DN)
         dn_ok = dn < proj_dim
@@ -121,10 +134,7 @@ def _head_combine_kernel(
 ):
     slide = tl.program_id(0)
     d_tile = tl.program_id(1)
-    start = tl.load(offsets_ptr + slide)
-    end = tl.load(offsets_ptr + slide + 1)
-    n_blocks = (end - start + BLOCK_N - 1) // BLOCK_N
-    first = tl.load(cum_ptr + slide) - n_blocks
+    start, end, n_blocks, first = _slide_blocks(slide, offsets_ptr, cum_ptr, BLOCK_N)
     j = tl.arange(0, BLOCK_P)
     running = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
     for j0 in range(0, n_blocks, BLOCK_P):
@@ -158,12 +168,7 @@ def _head_attention_kernel(
     pid = tl.program_id(0)
     slide = tl.load(block_slide_ptr + pid)
     if slide < n_slides:
-        start = tl.load(offsets_ptr + slide)
-        end = tl.load(offsets_ptr + slide + 1)
-        n_blocks = (end - start + BLOCK_N - 1) // BLOCK_N
-        first = tl.load(cum_ptr + slide) - n_blocks
-        rows = start + (pid - first) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < end
+        rows, row_ok = _block_rows(pid, slide, offsets_ptr, cum_ptr, BLOCK_N)
         z = tl.load(score_ptr + rows, mask=row_ok, other=0.0) / tl.load(tau_ptr)
         attention = tl.exp(z - tl.load(slide_m_ptr + slide)) / tl.load(slide_l_ptr + slide)
         tl.store(attention_ptr + rows, attention, mask=row_ok)
