@@ -77,7 +77,7 @@ def cuda_device_name() -> str | None:
 
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(torch.cuda.current_device())
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - only a label for the engine's metadata: no name rather than no engine
         pass
     return None
 

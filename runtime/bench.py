@@ -226,7 +226,7 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
+    except OSError:  # not Linux: platform's name stands
         pass
     info: dict[str, Any] = {"cpu": cpu, "usable_cpus": cpu_count()}
     torch = sys.modules.get("torch")

@@ -111,7 +111,7 @@ class BufferPool:
     def acquire(self) -> _Buffer:
         try:
             return self._free.get_nowait()
-        except queue.Empty:
+        except queue.Empty:  # none free: make one, or wait below when at the limit
             pass
         if self.max_buffers is None or self.created < self.max_buffers:
             self.created += 1

@@ -338,7 +338,7 @@ def _run(todo: list[SlideFile], manifest: Manifest, be: Backend, writer: Results
             if last is not None:
                 submit(last)
             submit(None)
-        except PoolClosed:
+        except PoolClosed:  # the run is stopping (the compute worker failed): its error is raised below
             pass
         worker.join()
     finally:

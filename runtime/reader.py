@@ -141,7 +141,7 @@ class SharedArray:
     def discard(self) -> None:
         try:
             os.unlink(os.path.join(SHM_DIR, self.name))
-        except OSError:
+        except OSError:  # already gone (the consumer attached and unlinked it)
             pass
 
 
