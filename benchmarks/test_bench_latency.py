@@ -24,7 +24,7 @@ import pytest
 from momkd.manifest import Manifest, load_manifest
 from momkd.runtime.bench import (Target, machine_info, matmul_roofline, open_backend, runner, skip_reason,
                                  synthetic_pack)
-from momkd.runtime.flops import PRODUCT_OPS, profile_events, profile_products
+from momkd.runtime.flops import PRODUCT_OPS, node_events, profile_events, profile_products
 
 ENV = os.environ.get
 NS = [int(v) for v in ENV("MOMKD_BENCH_NS", "1000,5000,20000,50000").split(",")]
@@ -108,20 +108,16 @@ def test_model_latency(benchmark, manifest: Manifest, backends, backend: str, de
 def _kernel_ms(events: list[dict[str, Any]]) -> dict[str, float]:
     """ms per operator type in one profiled run."""
     out: collections.Counter = collections.Counter()
-    for e in _node_events(events):
+    for e in node_events(events):
         out[e["args"]["op_name"]] += e["dur"] / 1e3
     return dict(out)
-
-
-def _node_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
 
 
 def _neighbourhood_ms(events: list[dict[str, Any]], width: int) -> float:
     """ms of the nodes that work on per-edge tensors: an operand or output of shape (rows, width, ...) with
     width = W + 1, or its flat form (rows * width, ...)."""
     nodes = []
-    for e in _node_events(events):
+    for e in node_events(events):
         args = e["args"]
         shapes = [next(iter(x.values())) for x in args.get("input_type_shape", []) + args.get("output_type_shape", [])]
         nodes.append((e["dur"] / 1e3, shapes))
@@ -150,7 +146,7 @@ def test_onnxruntime_cpu_vs_matmul_roofline(benchmark, manifest: Manifest, backe
     products_ms = sum(v for k, v in per_op.items() if k in PRODUCT_OPS)
     # where the 15% allowance goes: the largest product alone (the GATv2 projection, the roofline's own shape),
     # the fraction the call would reach if every non-product node took no time, and the per-edge (W+1) work
-    durations = {e["name"][: -len("_kernel_time")]: e["dur"] / 1e3 for e in _node_events(events)}
+    durations = {e["name"][: -len("_kernel_time")]: e["dur"] / 1e3 for e in node_events(events)}
     largest = max(products, key=lambda p: p["flops"])
     largest_ms = durations[largest["node"]]
     neighbourhood_ms = _neighbourhood_ms(events, int(pack.neighbors.shape[1]) + 1)

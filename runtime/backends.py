@@ -99,9 +99,9 @@ def shared_cpu_arena() -> bool:
     is shared by the sessions of the process. Returns False where this onnxruntime cannot (sessions then keep
     their own default arena).
 
-    With ONNX Runtime's defaults (a per-session power-of-two arena plus memory patterns), a two-fold paper model
-    run on slides of 100000, 30000 and 100000 patches peaked at 7.1 GiB; with this arena and memory patterns off,
-    3.96 GiB, at the same speed (``benchmarks/RESULTS.md``)."""
+    With ONNX Runtime's defaults, ``momkd infer`` of a two-fold paper model on slides of 100000, 30000 and 100000
+    patches peaked at 7.7 GiB; with this arena, and memory patterns and planned reuse off (``OnnxRuntimeBackend``),
+    3.6 GiB at the same speed (``benchmarks/RESULTS.md``)."""
     global _cpu_arena
     with _CPU_ARENA_LOCK:
         if _cpu_arena is None:

@@ -15,6 +15,7 @@ Torch-free: nothing here imports torch unless a torch target runs or the referen
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 import time
@@ -221,13 +222,11 @@ def reference_probability(manifest: Manifest, pack: Pack, threads: int | None) -
 def machine_info() -> dict[str, Any]:
     """CPU model and usable cores; the GPU's name when PyTorch is already loaded and sees one."""
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError):  # not Linux: platform's name stands
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:  # not Linux: platform's name stands
-        pass
     info: dict[str, Any] = {"cpu": cpu, "usable_cpus": cpu_count()}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():

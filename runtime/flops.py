@@ -66,13 +66,16 @@ def product_flops(op: str, inputs: list[tuple[int, ...]], output: tuple[int, ...
     return 2 * math.prod(output) * k
 
 
+def node_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-node kernel events of a profile (``name`` is ``<node>_kernel_time``, ``dur`` in microseconds)."""
+    return [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
+
+
 def profile_products(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The matrix-product nodes of one profiled run: ``[{"node", "op", "inputs", "output", "flops"}]``."""
     out = []
-    for event in events:
+    for event in node_events(events):
         args = event.get("args") or {}
-        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
-            continue
         op = args.get("op_name")
         if op not in PRODUCT_OPS:
             continue
