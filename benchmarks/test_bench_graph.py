@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from momkd.graph import knn_table
-from momkd.runtime.toy import grid_coords
+from momkd.synth import grid_coords
 
 N = 20000
 K = 8

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from momkd.config import preset
 from momkd.graph import neighbor_table
-from momkd.runtime.toy import grid_coords
+from momkd.synth import grid_coords
 from momkd.losses import MoMKDLoss
 from momkd.models import build_model
 

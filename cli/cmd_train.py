@@ -65,6 +65,7 @@ def train(
     n_genes: Annotated[int, typer.Option(help="Top-variance genes kept (fitted on each fold's training cases).", min=1)] = 768,
     genes: Annotated[Optional[Path], typer.Option(help="Text file with one gene per line, instead of top-variance selection.", exists=True, dir_okay=False)] = None,
     no_log2: Annotated[bool, typer.Option("--no-log2", help="Omics are already log-transformed.")] = False,
+    omics_raw: Annotated[bool, typer.Option("--omics-raw", help="Feed each case's omics vector as stored (every gene, no log2, selection or z-score), as the authors' code feeds its .npy vectors.")] = False,
     splits: Annotated[Optional[Path], typer.Option(help="Reuse the splits folder of an earlier run.", exists=True, file_okay=False)] = None,
     patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs (default 10).", min=1)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 2e-4).")] = None,
@@ -84,14 +85,18 @@ def train(
                                   folds=folds, console=console)
         gene_list = [g.strip() for g in genes.read_text().splitlines() if g.strip()] if genes else None
         summary = train_run(data, out, model_cfg, loss_cfg, train_cfg,
-                            OmicsOptions(log2=not no_log2, n_genes=n_genes, genes=gene_list), preset.value,
+                            OmicsOptions(log2=not (no_log2 or omics_raw), n_genes=n_genes, genes=gene_list, raw=omics_raw),
+                            preset.value,
                             splits_dir=splits, console=console)
     except MomkdError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
-    m, s = summary["mean"], summary["std"]
-    console.print(f"[bold]{model.value}[/bold] test AUC {m['auc']:.3f} ± {s['auc']:.3f}, ACC {m['acc']:.3f} ± {s['acc']:.3f}, "
-                  f"F1 {m['f1']:.3f} ± {s['f1']:.3f} → {out}/summary.md")
+    m, s, ms, ss = summary["mean"], summary["std"], summary["mean_slide"], summary["std_slide"]
+    console.print(f"[bold]{model.value}[/bold] test per case: AUC {m['auc']:.3f} ± {s['auc']:.3f}, "
+                  f"ACC {m['acc']:.3f} ± {s['acc']:.3f}, F1 {m['f1']:.3f} ± {s['f1']:.3f}, "
+                  f"macro-F1 {m['f1_macro']:.3f} ± {s['f1_macro']:.3f}; per slide (paper Table 1): "
+                  f"AUC {ms['auc']:.3f} ± {ss['auc']:.3f}, ACC {ms['acc']:.3f} ± {ss['acc']:.3f}, "
+                  f"macro-F1 {ms['f1_macro']:.3f} ± {ss['f1_macro']:.3f} → {out}/summary.md")
 
 
 def evaluate(
@@ -114,5 +119,7 @@ def evaluate(
         console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
     mm = metrics["mean_model"]
-    console.print(f"mean of {len(metrics['folds'])} fold models: AUC {mm['auc']:.3f}, ACC {mm['acc']:.3f}, F1 {mm['f1']:.3f} "
-                  f"→ {out}/predictions.csv")
+    sl = mm["slide"]
+    console.print(f"mean of {len(metrics['folds'])} fold models, per case: AUC {mm['auc']:.3f}, ACC {mm['acc']:.3f}, "
+                  f"F1 {mm['f1']:.3f}, macro-F1 {mm['f1_macro']:.3f}; per slide (paper Table 1): AUC {sl['auc']:.3f}, "
+                  f"ACC {sl['acc']:.3f}, macro-F1 {sl['f1_macro']:.3f} → {out}/predictions.csv")

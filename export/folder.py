@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from momkd.errors import MomkdError, RunFolderError
+from momkd.graph import sklearn_version
 
 ONNX_NAME = "model.onnx"
 TORCH_NAME = "model.pt"
@@ -45,15 +46,18 @@ def _parse_fold(fold: int | str | None) -> int | None:
 
 
 def _cv_metrics(run: Any) -> dict[str, Any]:
+    """The run's cross-validation metrics as summary.json has them: per case (``mean``/``std``, fold ``val``/
+    ``test``) and per slide (``mean_slide``/``std_slide``, fold ``val_slide``/``test_slide``; the paper's Table 1
+    definition), empty where an older run lacks them."""
     summary = run.summary
-    out: dict[str, Any] = {"mean": summary.get("mean", {}), "std": summary.get("std", {}),
-                           "n_folds": len(summary.get("folds", []))}
+    out: dict[str, Any] = {key: summary.get(key, {}) for key in ("mean", "std", "mean_slide", "std_slide")}
+    out["n_folds"] = len(summary.get("folds", []))
     per_fold = {}
     for fold in run.folds:
         record = run.fold_records.get(fold)
         if record:
-            per_fold[str(fold)] = {"threshold": record.get("threshold"), "val": record.get("val"),
-                                   "test": record.get("test")}
+            per_fold[str(fold)] = {"threshold": record.get("threshold"),
+                                   **{key: record.get(key) for key in ("val", "test", "val_slide", "test_slide")}}
     out["folds"] = per_fold
     return out
 
@@ -162,6 +166,7 @@ def export_run(
                 "encoder": run.encoder,
                 "k": run.k,
                 "graph_direction": run.graph_direction,
+                "graph_library": {"scikit-learn": sklearn_version()} if run.graph_direction == "official" else None,
                 "class_names": run.class_names,
                 "threshold": run.threshold,
                 "preset": run.preset,
@@ -199,8 +204,8 @@ def _add_tensorrt(out_dir: Path, run: Any, ensemble: Any, slides: list[Any], fp1
                   say: Callable[[str], None]) -> dict[str, Any]:
     """Build ``model.plan`` from the folder's ONNX graph, verify it on the same slides, update the manifest."""
     from momkd.export.tensorrt import PLAN_NAME, build_engine, default_profile, engine_runner, require_tensorrt
-    from momkd.export.verify import (FP16_TOLERANCE, FP32_TOLERANCE, ExportVerificationError, compare, pack_slides,
-                                     torch_outputs)
+    from momkd.data.batch import pack_slides
+    from momkd.export.verify import FP16_TOLERANCE, FP32_TOLERANCE, ExportVerificationError, compare, torch_outputs
     from momkd.manifest import load_manifest, write_manifest
 
     require_tensorrt(out_dir)
@@ -214,7 +219,8 @@ def _add_tensorrt(out_dir: Path, run: Any, ensemble: Any, slides: list[Any], fp1
     verification = dict(manifest["verification"])
 
     fits = [s for s in slides if s.n <= profile.rows[2] and s.neighbors.shape[1] <= profile.width[2]]
-    features, neighbors, offsets = pack_slides([(s.features, s.neighbors) for s in fits[: profile.slides[2]]])
+    pack = pack_slides(fits[: profile.slides[2]])
+    features, neighbors, offsets = pack.features, pack.neighbors, pack.slide_offsets
     reference = torch_outputs(ensemble, features, neighbors, offsets)
     check = compare(reference, engine_runner(out_dir / PLAN_NAME)(features, neighbors, offsets),
                     float(manifest["model"]["threshold"]))

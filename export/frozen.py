@@ -28,8 +28,6 @@ from torch.overrides import TorchFunctionMode
 
 from momkd.errors import RunFolderError
 
-INPUT_NAMES = ("features", "neighbors", "slide_offsets")
-OUTPUT_NAMES = ("probability", "logits", "attention", "patch_score")
 
 
 class FrozenEnsemble(nn.Module):

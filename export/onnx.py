@@ -26,7 +26,7 @@ from torch import nn
 
 from momkd.errors import MomkdError
 
-from momkd.export.frozen import INPUT_NAMES, OUTPUT_NAMES
+from momkd.data.batch import INPUT_NAMES, INPUT_SHAPES, OUTPUT_NAMES, OUTPUT_SHAPES
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the dynamo exporter emits opset 18 natively; lower opsets need a lossy version conversion
@@ -51,8 +51,6 @@ TRT_ALLOWED_OPS = frozenset({
 FORBIDDEN_OPS = frozenset({"ScatterElements", "ScatterND", "Scatter", "NonZero", "If", "Loop", "Scan",
                            "SequenceConstruct", "SequenceAt", "SplitToSequence", "ConcatFromSequence"})
 
-INPUT_SHAPES = {"features": ["N", "D"], "neighbors": ["N", "W"], "slide_offsets": ["B+1"]}
-OUTPUT_SHAPES = {"probability": ["B"], "logits": ["B", 2], "attention": ["N"], "patch_score": ["N"]}
 
 
 class ExportError(MomkdError):
@@ -161,8 +159,7 @@ def _fold_weights(model: Any) -> Any:
 
 def _name_dims(model: Any, feature_dim: int) -> None:
     """Give the graph's I/O dimensions the names the manifest uses (the exporter writes ``B_plus_1 - 1``)."""
-    wanted = {"features": ["N", feature_dim], "neighbors": ["N", "W"], "slide_offsets": ["B+1"],
-              "probability": ["B"], "logits": ["B", 2], "attention": ["N"], "patch_score": ["N"]}
+    wanted = {**INPUT_SHAPES, "features": ["N", feature_dim], **OUTPUT_SHAPES}
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         for dim, want in zip(dims, wanted.get(value.name, [])):

@@ -17,12 +17,12 @@ from __future__ import annotations
 import csv
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from momkd.data.batch import OUTPUT_NAMES, GraphSlide, graph_slide, load_graph_slide, pack_slides
 from momkd.errors import MomkdError
 
 FP32_TOLERANCE = 1e-4   # max |delta probability|, ONNX (fp32) vs PyTorch
@@ -30,38 +30,10 @@ FP16_TOLERANCE = 2e-2   # max |delta probability|, ONNX (fp16 matmuls) vs PyTorc
 TORCHSCRIPT_TOLERANCE = 1e-5
 DEFAULT_MAX_SLIDES = 4
 DEFAULT_MAX_ROWS = 30000  # rows of held-out slides in the verification batch (keeps export quick on a CPU)
-OUTPUTS = ("probability", "logits", "attention", "patch_score")
 
 
 class ExportVerificationError(MomkdError):
     """The exported graph does not reproduce the PyTorch model within tolerance."""
-
-
-@dataclass
-class VerificationSlide:
-    slide_id: str
-    features: np.ndarray   # (n, D) float32
-    neighbors: np.ndarray  # (n, W) int64, local rows, -1 pad
-    note: str = ""         # "test split fold 0", "crop of X", ...
-
-    @property
-    def n(self) -> int:
-        return int(self.features.shape[0])
-
-
-def pack_slides(slides: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pack (features, local neighbour table) pairs into the model's ragged batch layout."""
-    sizes = [int(f.shape[0]) for f, _ in slides]
-    width = max(max(int(nb.shape[1]) for _, nb in slides), 1)
-    offsets = np.zeros(len(slides) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(sizes)
-    features = np.concatenate([np.asarray(f, dtype=np.float32) for f, _ in slides], axis=0)
-    neighbors = np.full((int(offsets[-1]), width), -1, dtype=np.int64)
-    for (_, nb), start, n in zip(slides, offsets[:-1], sizes):
-        nb = np.asarray(nb, dtype=np.int64)
-        block = neighbors[start:start + n, : nb.shape[1]]
-        np.add(nb, start, out=block, where=nb >= 0)
-    return np.ascontiguousarray(features), neighbors, offsets
 
 
 # --------------------------------------------------------------------------- finding held-out slides
@@ -146,45 +118,36 @@ def candidate_slides(run_dir: Path, config: dict[str, Any], folds: Sequence[int]
 
 def load_verification_slides(run_dir: Path, config: dict[str, Any], folds: Sequence[int], feature_dim: int, k: int,
                              direction: str, max_slides: int = DEFAULT_MAX_SLIDES,
-                             max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0) -> tuple[list[VerificationSlide], str, list[str]]:
+                             max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0) -> tuple[list[GraphSlide], str, list[str]]:
     """Read up to ``max_slides`` held-out slides (``max_rows`` rows in all; a bigger slide is cropped to its
     first rows), add the edge-case crops, and fall back to synthetic slides when the data is gone."""
     from momkd.errors import SlideError
 
     candidates, source, notes = candidate_slides(run_dir, config, folds)
-    slides: list[VerificationSlide] = []
+    slides: list[GraphSlide] = []
     rows = 0
-    first: Any = None  # the first slide read, whole: source of the edge-case crops
-    if candidates:
-        from momkd.data.slide import read_slide
-        from momkd.graph import neighbor_table
-
-        for slide_id, path, note in candidates:
-            if len(slides) >= max_slides or rows >= max_rows:
-                break
-            try:
-                slide = read_slide(path, expected_dim=feature_dim)
-            except SlideError as e:
-                notes.append(f"skipped {e}")
-                continue
-            features, coords = slide.features, slide.coords
-            first = slide if first is None else first
-            budget = max_rows - rows
-            if features.shape[0] > budget:
-                if slides:  # try a smaller slide next rather than crop
-                    continue
-                features, coords = features[:budget], coords[:budget]
-                note += f", first {budget} of {slide.features.shape[0]} patches"
-            slides.append(VerificationSlide(slide_id, np.ascontiguousarray(features, dtype=np.float32),
-                                            neighbor_table(coords, k=k, direction=direction), note))
-            rows += features.shape[0]
-        if slides:
-            for n in sorted({1, max(1, min(k, first.features.shape[0]))}):
-                slides.append(VerificationSlide(f"{slides[0].slide_id}[:{n}]", first.features[:n].copy(),
-                                                neighbor_table(first.coords[:n], k=k, direction=direction),
-                                                f"edge case: first {n} patch(es) of {slides[0].slide_id}"))
+    first: GraphSlide | None = None  # the first slide read, whole: source of the edge-case crops
+    for slide_id, path, note in candidates:
+        if len(slides) >= max_slides or rows >= max_rows:
+            break
+        try:
+            whole = load_graph_slide(path, k, direction, slide_id=slide_id, expected_dim=feature_dim, note=note)
+        except SlideError as e:
+            notes.append(f"skipped {e}")
+            continue
+        first = whole if first is None else first
+        budget = max_rows - rows
+        if whole.n <= budget:
+            slides.append(whole)
+        elif not slides:   # the first slide alone is too big: crop it (a later one is skipped for a smaller one)
+            slides.append(crop(whole, budget, f"{note}, first {budget} of {whole.n} patches", k, direction))
         else:
-            source = "none"
+            continue
+        rows += slides[-1].n
+    if first is not None:
+        for n in sorted({1, max(1, min(k, first.n))}):
+            slides.append(crop(first, n, f"edge case: first {n} patch(es) of {first.slide_id}", k, direction,
+                               slide_id=f"{first.slide_id}[:{n}]"))
     if not slides:
         source = "synthetic"
         notes.append("cohort data not found: verified on synthetic inputs only (re-export where the cohort is "
@@ -193,11 +156,16 @@ def load_verification_slides(run_dir: Path, config: dict[str, Any], folds: Seque
     return slides, source, notes
 
 
-def synthetic_slides(feature_dim: int, k: int, direction: str, seed: int = 0,
-                     sizes: Sequence[int] = (400, 57, 1, 5)) -> list[VerificationSlide]:
-    """Random slides (features ~ N(0, 1), patches on a square grid) for when no real data is left."""
-    from momkd.graph import neighbor_table
+def crop(slide: GraphSlide, n: int, note: str, k: int, direction: str, slide_id: str | None = None) -> GraphSlide:
+    """The slide's first ``n`` patches, with their own neighbour table."""
+    if slide.features is None or slide.coords is None:
+        raise ValueError(f"slide {slide.slide_id}: cropping needs its features and coords")
+    return graph_slide(slide_id or slide.slide_id, slide.features[:n], slide.coords[:n], k, direction, note=note)
 
+
+def synthetic_slides(feature_dim: int, k: int, direction: str, seed: int = 0,
+                     sizes: Sequence[int] = (400, 57, 1, 5)) -> list[GraphSlide]:
+    """Random slides (features ~ N(0, 1), patches on a square grid) for when no real data is left."""
     rng = np.random.default_rng(seed)
     out = []
     for i, n in enumerate(sizes):
@@ -205,8 +173,7 @@ def synthetic_slides(feature_dim: int, k: int, direction: str, seed: int = 0,
         grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2)[:n]
         coords = (grid * 256).astype(np.int64)
         features = rng.standard_normal((n, feature_dim)).astype(np.float32)
-        out.append(VerificationSlide(f"synthetic_{i}", features, neighbor_table(coords, k=k, direction=direction),
-                                     "synthetic"))
+        out.append(graph_slide(f"synthetic_{i}", features, coords, k, direction, note="synthetic"))
     return out
 
 
@@ -217,8 +184,8 @@ def torch_outputs(module: Any, features: np.ndarray, neighbors: np.ndarray, offs
     with torch.no_grad():
         out = module(torch.from_numpy(features), torch.from_numpy(neighbors), torch.from_numpy(offsets))
     if isinstance(out, dict):
-        return {k: out[k].detach().float().numpy() for k in OUTPUTS}
-    return {k: v.detach().float().numpy() for k, v in zip(OUTPUTS, out)}
+        return {k: out[k].detach().float().numpy() for k in OUTPUT_NAMES}
+    return {k: v.detach().float().numpy() for k, v in zip(OUTPUT_NAMES, out)}
 
 
 def onnx_outputs(path: Path, features: np.ndarray, neighbors: np.ndarray, offsets: np.ndarray) -> tuple[dict[str, np.ndarray], str]:
@@ -228,19 +195,19 @@ def onnx_outputs(path: Path, features: np.ndarray, neighbors: np.ndarray, offset
     so.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-        values = session.run(list(OUTPUTS), {"features": features, "neighbors": neighbors, "slide_offsets": offsets})
+        values = session.run(list(OUTPUT_NAMES), {"features": features, "neighbors": neighbors, "slide_offsets": offsets})
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         msg = " ".join(str(e).split())[:240]
         raise ExportVerificationError(f"onnxruntime {ort.__version__} cannot run the exported model ({msg}); "
                                       "a lower --opset may help") from None
-    return dict(zip(OUTPUTS, values)), f"onnxruntime {ort.__version__} {session.get_providers()[0]}"
+    return dict(zip(OUTPUT_NAMES, values)), f"onnxruntime {ort.__version__} {session.get_providers()[0]}"
 
 
 def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
     """Max |delta| per output, decision flips at ``threshold``, and whether ``other`` is finite."""
     diffs = {}
     finite = True
-    for name in OUTPUTS:
+    for name in OUTPUT_NAMES:
         a, b = np.asarray(reference[name], np.float64), np.asarray(other[name], np.float64)
         if a.shape != b.shape:
             raise ExportVerificationError(f"exported model's {name} has shape {b.shape}, PyTorch's {a.shape}")
@@ -255,7 +222,7 @@ def attention_sums_ok(attention: np.ndarray, offsets: np.ndarray, atol: float = 
     return bool(np.allclose(sums, 1.0, atol=atol))
 
 
-def verify_export(reference_module: Any, onnx_path: Path, torchscript_path: Path | None, slides: list[VerificationSlide],
+def verify_export(reference_module: Any, onnx_path: Path, torchscript_path: Path | None, slides: list[GraphSlide],
                   source: str, notes: list[str], threshold: float, precision: str = "fp32",
                   extra: dict[str, Callable[..., dict[str, np.ndarray]]] | None = None) -> dict[str, Any]:
     """Run every artifact on the packed verification batch against ``reference_module`` (fp32 PyTorch).
@@ -264,7 +231,8 @@ def verify_export(reference_module: Any, onnx_path: Path, torchscript_path: Path
     TorchScript twin (``TORCHSCRIPT_TOLERANCE``) deviate, or produce non-finite outputs. Returns the manifest's
     ``verification`` section.
     """
-    features, neighbors, offsets = pack_slides([(s.features, s.neighbors) for s in slides])
+    pack = pack_slides(slides)
+    features, neighbors, offsets = pack.features, pack.neighbors, pack.slide_offsets
     reference = torch_outputs(reference_module, features, neighbors, offsets)
     result: dict[str, Any] = {
         "source": source,

@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from momkd.errors import MomkdError
+from momkd.graph import DIRECTIONS as GRAPH_DIRECTIONS
 
 MODELS = ("momkd", "abmil")
 MEMORY_UPDATES = ("gradient", "ema", "fixed")
 GAT_IMPLS = ("dense", "pyg")
-GRAPH_DIRECTIONS = ("paper", "official")
 CLASSIFIERS = ("linear", "mlp")
+OMICS_LAYOUTS = ("paper", "official")
 LOSS_FORMS = ("paper", "official")
 PRESETS = ("paper", "official")
 
@@ -87,6 +88,9 @@ class ModelConfig(_Dict):
     # --- omics autoencoder (§3.2, eq. 2)
     omics_hidden: int = 512  # paper: "lightweight MLP" (size not stated); the authors use 512
     omics_dropout: float = 0.25
+    # "paper": encoder (Linear, LayerNorm, ReLU, Dropout) x 2; "official": one such block then a plain Linear
+    # (the authors' RnaEncoder). The decoder is the same in both: one block then a plain Linear.
+    omics_layout: str = "paper"
 
     def __post_init__(self) -> None:
         _check_choice("model", self.model, MODELS)
@@ -94,6 +98,7 @@ class ModelConfig(_Dict):
         _check_choice("gat_impl", self.gat_impl, GAT_IMPLS)
         _check_choice("graph_direction", self.graph_direction, GRAPH_DIRECTIONS)
         _check_choice("classifier", self.classifier, CLASSIFIERS)
+        _check_choice("omics_layout", self.omics_layout, OMICS_LAYOUTS)
         for name in ("dim", "heads", "proj_dim", "n_codes", "k", "classifier_hidden", "omics_hidden",
                      "kmeans_patches"):
             if int(getattr(self, name)) < 1:
@@ -128,8 +133,9 @@ class LossConfig(_Dict):
     orth_form: str = "paper"
     orth_weight: float = 1.0  # multiplies the orthogonality term inside L_mem (official: 10)
     # eq. 10 commitment: "paper" = mean_i ||F_P,i - sg(c_k*)||^2 over patches, c = unit codes of the label's
-    # bank, k* = argmin Euclidean; the memory gets no gradient. "official" = MSE(c_k*, F_P) over elements with
-    # the raw (un-normalised) codes and no stop-gradient (commitment + codebook loss, as the authors' VQ).
+    # bank, k* = argmin Euclidean; the memory gets no gradient. "official" = MSE(sg(c_k*), F_P) over elements
+    # with the raw (un-normalised) codes, k* = argmin of the authors' VQ distance: their VectorQuantize has
+    # learnable_codebook=False, so the quantised codes are detached and the codes get no gradient from it either.
     commit_form: str = "paper"
     reconstruction: bool = True  # omics reconstruction loss on/off (ablation "no reconstruction")
 
@@ -153,7 +159,7 @@ def preset(name: str) -> tuple[ModelConfig, LossConfig]:
         dim=512, heads=2, proj_dim=64, n_codes=16, omics_hidden=512, omics_dropout=0.25,
         dropout=0.5, attn_dropout=0.5, tau=0.2, learnable_tau=True, tau_min=0.01, tau_max=2.0,
         graph_direction="official", memory_update="gradient", classifier="mlp", classifier_hidden=128,
-        classifier_dropout=0.5, kmeans_patches=50000, separate_slide_proj=True,
+        classifier_dropout=0.5, kmeans_patches=50000, separate_slide_proj=True, omics_layout="official",
     )
     loss = LossConfig(lambda_mse=0.05, orth_form="official", orth_weight=10.0, commit_form="official")
     return model, loss

@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from momkd.data.cohort import case_level
-from momkd.metrics import binary_metrics
+from momkd.metrics import case_and_slide_metrics
 from momkd.train.checkpoint import fold_dirs, load_checkpoint
 from momkd.train.data import SlideStore
 from momkd.train.fit import resolve_device
@@ -22,8 +21,11 @@ from momkd.train.run import TrainingData
 def evaluate_run(run_dir: Path, data: TrainingData, out_dir: Path, device: str = "auto") -> dict[str, Any]:
     """Predict every slide of ``data`` with every fold model; write ``predictions.csv`` and ``metrics.json``.
 
-    Metrics are case-level (mean slide probability per case), each fold at its own validation threshold, the
-    fold mean at the mean of the fold thresholds (the threshold the exported model carries).
+    Each fold model is scored at its own validation threshold, the fold mean at the mean of the fold thresholds
+    (the threshold the exported model carries). ``metrics.json``: ``{"folds": [{"fold", **per case,
+    "slide": per slide}], "mean_model": {**per case, "slide": per slide}}``, where per case is ``binary_metrics``
+    of the mean slide probability per case (auc, acc, f1 = positive-class F1, f1_macro, threshold, n, n_pos) and
+    per slide the same of every slide on its own (the unit of the authors' test.py and the paper's Table 1).
     """
     torch_device = resolve_device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,12 +39,12 @@ def evaluate_run(run_dir: Path, data: TrainingData, out_dir: Path, device: str =
     mean_probs = np.mean(np.stack(list(per_fold.values())), axis=0)
 
     metrics: dict[str, Any] = {"folds": []}
-    for model, meta in folds:
-        _, y, p = case_level(items, per_fold[meta["fold"]])
-        metrics["folds"].append({"fold": meta["fold"], **binary_metrics(y, p, meta["threshold"])})
+    for _, meta in folds:
+        case, slide = case_and_slide_metrics(items, per_fold[meta["fold"]], meta["threshold"])
+        metrics["folds"].append({"fold": meta["fold"], **case, "slide": slide})
     threshold = float(np.mean([meta["threshold"] for _, meta in folds]))
-    _, y, p = case_level(items, mean_probs)
-    metrics["mean_model"] = binary_metrics(y, p, threshold)
+    case, slide = case_and_slide_metrics(items, mean_probs, threshold)
+    metrics["mean_model"] = {**case, "slide": slide}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
 
     with (out_dir / "predictions.csv").open("w", newline="") as f:

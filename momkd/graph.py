@@ -17,6 +17,12 @@ answer:
   candidates, re-rank them exactly and keep a row only where the farthest candidate is strictly farther than
   the ``k``-th (so no tie at the ``k``-th distance can lie outside the candidates); other rows are asked again
   with twice as many candidates, until all candidates of the slide are in play.
+
+The ``official`` graph direction reproduces the authors' released code exactly, neighbour *sets* included: they
+build the k-NN with scikit-learn's ``kneighbors_graph`` (a KD-tree for 2-D coordinates), whose ties at the
+k-th distance fall in tree order, not by row index; on a patch grid about half the rows then get a different
+8-NN set than ``knn_table``. ``sklearn_knn_table`` calls that same function (scikit-learn is needed for
+official models only; the model folder records its version, ``graph_library``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 DIRECTIONS = ("paper", "official")
 
@@ -114,6 +119,8 @@ def _lattice_knn(c: np.ndarray, k: int, table: np.ndarray) -> np.ndarray | None:
 def _tree_knn(c: np.ndarray, k: int, rows: np.ndarray, table: np.ndarray) -> None:
     """Fill ``table[rows]`` exactly for ``c`` (N, 2) int64 or float64 with a KD-tree, widening the candidate
     count for rows whose tie at the k-th distance may reach beyond the candidates."""
+    from scipy.spatial import cKDTree
+
     n = len(c)
     cf = c.astype(np.float64, copy=False)
     tree = cKDTree(cf)
@@ -175,6 +182,46 @@ def knn_table(coords: np.ndarray, k: int = 8) -> np.ndarray:
     return table
 
 
+def sklearn_version() -> str:
+    """The installed scikit-learn version; a one-line ImportError naming the fix when it is missing."""
+    try:
+        import sklearn
+    except ImportError:
+        raise ImportError("the official graph (the authors' neighbour sets) needs scikit-learn: "
+                          "pip install scikit-learn") from None
+    return str(sklearn.__version__)
+
+
+def sklearn_knn_table(coords: np.ndarray, k: int = 8) -> np.ndarray:
+    """The authors' k-NN: ``sklearn.neighbors.kneighbors_graph(coords, k, include_self=False)`` as a table.
+
+    Args:
+        coords: (N, 2) patch coordinates (finite; any integer or float dtype).
+        k: neighbours per row, >= 1.
+
+    Returns:
+        (N, k) int64: row i lists scikit-learn's k nearest rows j != i (its tie order), -1 padded; when N <= k a
+        row has N - 1 neighbours (the authors' ``test.py`` uses ``min(k, N - 1)``), N = 1 has none.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    sklearn_version()
+    from sklearn.neighbors import kneighbors_graph
+
+    c = _exact_coords(coords)
+    n = len(c)
+    table = np.full((n, int(k)), -1, dtype=np.int64)
+    if n <= 1:
+        return table
+    k_eff = min(int(k), n - 1)
+    adjacency = kneighbors_graph(np.asarray(coords, dtype=np.float64), k_eff, mode="connectivity",
+                                 include_self=False)
+    if not (np.diff(adjacency.indptr) == k_eff).all():
+        raise ValueError(f"kneighbors_graph did not return {k_eff} neighbours for each of {n} rows")
+    table[:, :k_eff] = adjacency.indices.reshape(n, k_eff)
+    return table
+
+
 def reverse_table(table: np.ndarray) -> np.ndarray:
     """The reverse of a neighbour table (the authors' graph direction).
 
@@ -209,15 +256,17 @@ def neighbor_table(coords: np.ndarray, k: int = 8, direction: str = "paper") -> 
         coords: (N, 2) patch coordinates.
         k: neighbours per row of the k-NN table.
         direction: "paper" (row i gathers from its k nearest rows: ``knn_table``) or "official" (row i gathers
-            from the rows that list i among their k nearest: ``reverse_table(knn_table(...))``, the released code).
+            from the rows that list i among their k nearest, with scikit-learn's neighbour sets:
+            ``reverse_table(sklearn_knn_table(...))``, exactly the released code's graph).
 
     Returns:
         (N, W) int64, -1 padded, no self: W = k for "paper", the maximum in-degree (>= 1) for "official".
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
-    table = knn_table(coords, k)
-    return table if direction == "paper" else reverse_table(table)
+    if direction == "paper":
+        return knn_table(coords, k)
+    return reverse_table(sklearn_knn_table(coords, k))
 
 
 def to_edge_index(table: np.ndarray) -> np.ndarray:

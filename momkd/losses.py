@@ -12,7 +12,7 @@ Gradient routes (paper §3.3.2), all guaranteed by construction and proven by te
 * CE never reaches the memory (the attention head uses the memory detached, eq. 6).
 * The omics terms (align_omics, mse) reach only the omics branch and the memory, never the WSI encoder/head.
 * The WSI terms (ce, align_wsi, mem) never reach the omics branch.
-* The paper commitment term treats the code as a constant (sg); the memory moves only through the alignment
+* The commitment term (both forms) treats the code as a constant (sg); the memory moves only through the alignment
   and orthogonality terms (``memory_update = "gradient"``) or not at all by gradient (``ema``/``fixed``: the
   codes are buffers).
 
@@ -59,18 +59,30 @@ def nearest_euclidean(points: Tensor, codes: Tensor) -> Tensor:
     return d2.argmin(dim=1)
 
 
+def vq_nearest(points: Tensor, codes: Tensor, eps: float = 1e-8) -> Tensor:
+    """argmin_j of the authors' VQ distance sqrt(max(||x_i||^2 + ||c_j||^2 - 2 x_i . c_j, eps)) per row (N,).
+
+    The same ordering as :func:`nearest_euclidean` except where the clamp at ``eps`` makes near-coincident codes
+    tie (then the first index wins, as ``argmax`` of the negated distance in their vector quantiser)."""
+    d2 = (points * points).sum(dim=1).unsqueeze(1) + (codes * codes).sum(dim=1).unsqueeze(0) - 2.0 * (points @ codes.t())
+    return d2.clamp(min=eps).argmin(dim=1)
+
+
 def commitment_loss(patch_proj: Tensor, codes: Tensor, form: str = "paper") -> Tensor:
     """Eq. 10 first term, with ``codes`` the label's bank (n, D_N) as stored (raw).
 
     ``paper``: codes L2-normalised and stop-gradded; mean over patches of ||F_P,i - sg(c_k*)||^2 (sum over
-    dimensions), k* = argmin Euclidean. ``official``: raw codes, k* = argmin Euclidean, MSE(c_k*, F_P) averaged
-    over all elements, gradient to both (commitment + codebook loss of a VQ layer without EMA)."""
+    dimensions), k* = argmin Euclidean. ``official``: raw codes, k* = :func:`vq_nearest`, MSE(sg(c_k*), F_P)
+    averaged over all elements: the authors' VectorQuantize is built with ``learnable_codebook=False``, so its
+    quantised codes are detached in the commitment term and the codes get no gradient from it (their only
+    gradients come from the orthogonality and alignment terms). In both forms the memory gets no gradient here."""
     if form == "paper":
         target_codes = F.normalize(codes.detach(), dim=-1)
         index = nearest_euclidean(patch_proj.detach(), target_codes)
         return (patch_proj - target_codes[index]).pow(2).sum(dim=1).mean()
     if form == "official":
-        index = nearest_euclidean(patch_proj.detach(), codes.detach())
+        codes = codes.detach()
+        index = vq_nearest(patch_proj.detach().to(codes.dtype), codes)
         return F.mse_loss(codes[index], patch_proj)
     raise ValueError(f"unknown commitment form {form!r}")
 

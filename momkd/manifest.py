@@ -9,6 +9,7 @@ Schema (``format_version`` 1)::
       "momkd_version": "0.1.0",
       "created": "2025-01-01T00:00:00+00:00",
       "model": {"feature_dim": 1536, "encoder": "uni_v2" | null, "k": 8, "graph_direction": "paper" | "official",
+                "graph_library": null | {"scikit-learn": "1.9.1"},   # what built the official graph's k-NN
                 "class_names": ["negative", "positive"], "threshold": 0.5, "preset": "paper",
                 "folds": [0, 1, 2, 3, 4], "cv_metrics": {...}},
       "onnx": {"file": "model.onnx", "opset": 17, "precision": "fp32",
@@ -36,10 +37,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from momkd.errors import ModelFolderError
+from momkd.graph import DIRECTIONS as GRAPH_DIRECTIONS
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-GRAPH_DIRECTIONS = ("paper", "official")
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -62,6 +63,7 @@ class ModelInfo:
     preset: str
     folds: tuple[int, ...]
     cv_metrics: dict[str, Any] = field(default_factory=dict)
+    graph_library: dict[str, str] = field(default_factory=dict)  # {"scikit-learn": version} for official graphs
 
 
 @dataclass(frozen=True)
@@ -170,13 +172,15 @@ def _parse(where: Path, root: Path, raw: Any, sha: str) -> Manifest:
     if not all(isinstance(f, int) and not isinstance(f, bool) for f in folds):
         raise _fail(where, "model.folds must be a list of integers")
     threshold = float(_get(where, m, "threshold", (int, float), "model."))
+    library = _get(where, m, "graph_library", dict, "model.", nullable=True) if "graph_library" in m else None
     if not 0.0 <= threshold <= 1.0:
         raise _fail(where, f"model.threshold must be in [0, 1], got {threshold}")
     model = ModelInfo(
         feature_dim=feature_dim, encoder=_get(where, m, "encoder", str, "model.", nullable=True), k=k,
         graph_direction=direction, class_names=(class_names[0], class_names[1]), threshold=threshold,
         preset=_get(where, m, "preset", str, "model."), folds=tuple(folds),
-        cv_metrics=dict(m.get("cv_metrics") or {}))
+        cv_metrics=dict(m.get("cv_metrics") or {}),
+        graph_library={str(k): str(v) for k, v in (library or {}).items()})
 
     o = _get(where, raw, "onnx", dict, "")
     onnx = OnnxInfo(file=_check_name(where, _get(where, o, "file", str, "onnx."), "onnx.file"),

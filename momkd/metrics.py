@@ -1,8 +1,12 @@
 """Binary classification metrics in numpy (no sklearn, no torch) and the decision threshold chosen on validation.
 
 Labels are 0/1 (any numeric or bool dtype holding only 0 and 1); class 1 is the positive class. Scores are the
-positive-class probabilities; a case is predicted positive when ``score >= threshold``. Every function returns
-plain Python numbers so results go straight into JSON.
+positive-class probabilities; a case (or slide) is predicted positive when ``score >= threshold``. Every function
+returns plain Python numbers so results go straight into JSON.
+
+Two F1 definitions are kept apart: ``f1`` is the F1 of the positive class (ours, per case), ``f1_macro`` the
+unweighted mean of the per-class F1 (sklearn's ``average="macro"``), the definition of the authors' ``test.py``
+and of the paper's Table 1 (which reports it per slide).
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from momkd.data.cohort import SlideLabel, case_level
+
 DEFAULT_THRESHOLD = 0.5
+SUMMARY_KEYS = ("auc", "acc", "f1", "f1_macro")  # the scores of binary_metrics that runs average over folds
 
 
 def _labels(y: np.ndarray | Sequence[int], name: str) -> np.ndarray:
@@ -126,6 +133,24 @@ def f1_score(y_true: np.ndarray | Sequence[int], y_pred: np.ndarray | Sequence[i
     return float(_f1(tp, int(np.sum((y == 0) & (p == 1))), int(y.sum())))
 
 
+def macro_f1(y_true: np.ndarray | Sequence[int], y_pred: np.ndarray | Sequence[int]) -> float:
+    """Macro F1 from (n,) labels and (n,) 0/1 predictions: the unweighted mean of the F1 of class 1 and the F1 of
+    class 0 (class 0 taken as the positive one), as sklearn's ``f1_score(average="macro", zero_division=0)``.
+
+    Like sklearn, the mean runs over the classes that occur in ``y_true`` or ``y_pred``: when both are one and the
+    same class (every case of that class, all predicted right) the result is that class's F1, 1.0. A class that
+    occurs only in one of them has F1 0 (no true positives). With n = 0 the result is 0.0 (``zero_division=0``).
+    """
+    y = _labels(y_true, "y_true")
+    p = _labels(y_pred, "y_pred")
+    if p.shape != y.shape:
+        raise ValueError(f"y_pred must have shape {y.shape} like y_true, got {p.shape}")
+    present = [c for c in (0, 1) if np.any(y == c) or np.any(p == c)]
+    if not present:
+        return 0.0
+    return float(np.mean([f1_score(y == c, p == c) for c in present]))
+
+
 def best_threshold(y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float]) -> float:
     """The decision threshold that maximises F1 on a validation split.
 
@@ -155,7 +180,7 @@ def best_threshold(y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequ
 
 def binary_metrics(y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float],
                    threshold: float) -> dict[str, float | int]:
-    """AUC, and accuracy and F1 of the rule ``score >= threshold``.
+    """AUC, and accuracy and the two F1 of the rule ``score >= threshold``.
 
     Args:
         y_true: (n,) 0/1 labels.
@@ -163,17 +188,36 @@ def binary_metrics(y_true: np.ndarray | Sequence[int], scores: np.ndarray | Sequ
         threshold: the decision threshold.
 
     Returns:
-        {"auc", "acc", "f1", "threshold"} floats and {"n", "n_pos"} ints.
+        floats "auc" (``roc_auc``), "acc" (``accuracy``), "f1" (positive-class F1, ``f1_score``), "f1_macro"
+        (``macro_f1``) and "threshold"; ints "n" (cases or slides) and "n_pos" (positives among them).
     """
     y = _labels(y_true, "y_true")
     s = _scores(scores, len(y))
     pred = (s >= threshold).astype(np.int64)
-    return {"auc": roc_auc(y, s), "acc": accuracy(y, pred), "f1": f1_score(y, pred), "threshold": float(threshold),
-            "n": int(len(y)), "n_pos": int(y.sum())}
+    return {"auc": roc_auc(y, s), "acc": accuracy(y, pred), "f1": f1_score(y, pred), "f1_macro": macro_f1(y, pred),
+            "threshold": float(threshold), "n": int(len(y)), "n_pos": int(y.sum())}
+
+
+def case_and_slide_metrics(items: Sequence[SlideLabel], probs: np.ndarray | Sequence[float],
+                           threshold: float) -> tuple[dict[str, float | int], dict[str, float | int]]:
+    """``binary_metrics`` of held-out slides at one threshold, per case and per slide.
+
+    Args:
+        items: (S,) slides with their case and the case's label.
+        probs: (S,) positive-class probabilities of those slides.
+        threshold: the decision threshold (chosen per case on validation), used at both levels.
+
+    Returns:
+        (per case: a case's score is the mean probability of its slides, ``case_level``; per slide: every slide
+        scored on its own, the unit of the authors' ``test.py``).
+    """
+    _, case_y, case_p = case_level(items, np.asarray(probs, dtype=np.float64))
+    slide_y = [it.label for it in items]
+    return binary_metrics(case_y, case_p, threshold), binary_metrics(slide_y, probs, threshold)
 
 
 def mean_std(records: Iterable[Mapping[str, float]],
-             keys: Sequence[str] = ("auc", "acc", "f1")) -> tuple[dict[str, float], dict[str, float]]:
+             keys: Sequence[str] = SUMMARY_KEYS) -> tuple[dict[str, float], dict[str, float]]:
     """Mean and spread of per-fold metrics, as the paper's "mean ± std".
 
     The spread is the sample standard deviation (ddof = 1); with a single fold it is undefined and reported as

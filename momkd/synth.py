@@ -217,3 +217,13 @@ def _omics(rng: np.random.Generator, labels: np.ndarray, genes: int) -> np.ndarr
     activity = np.where(labels == 1, rng.uniform(0.6, 1.4, size=n), rng.uniform(0.0, 0.25, size=n))
     log_mean[:, signal_genes] += np.log(8.0) * activity[:, None]
     return rng.poisson(np.exp(log_mean)).astype(np.int64)
+
+
+def grid_coords(n: int, seed: int = 0, patch: int = 256) -> np.ndarray:
+    """(n, 2) int64 TRIDENT-like level-0 patch grid with holes: ``n`` cells of a square grid (80 % filled), in
+    row-major order, times ``patch``."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(max(n, 1) / 0.8)))
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2)
+    keep = np.sort(rng.permutation(len(grid))[:n])
+    return grid[keep].astype(np.int64) * patch

@@ -20,10 +20,9 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
+from momkd.data.batch import INPUT_NAMES, OUTPUT_NAMES
 from momkd.errors import ModelFolderError, MomkdError
 
-INPUTS = ("features", "neighbors", "slide_offsets")
-OUTPUTS = ("probability", "logits", "attention", "patch_score")
 REQUIRED_OUTPUTS = ("probability", "attention", "patch_score")
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
@@ -77,7 +76,7 @@ def _one_line(e: BaseException | str, limit: int = 300) -> str:
 
 
 def _check_io(where: str, inputs: list[str], outputs: list[str]) -> None:
-    missing_in = [n for n in INPUTS if n not in inputs]
+    missing_in = [n for n in INPUT_NAMES if n not in inputs]
     missing_out = [n for n in REQUIRED_OUTPUTS if n not in outputs]
     if missing_in or missing_out:
         raise ModelFolderError(f"{where}: the model does not have the momkd inference signature "
@@ -174,8 +173,8 @@ class OnnxRuntimeBackend:
         if feature_dim is not None and len(fshape) == 2 and isinstance(fshape[1], int) and fshape[1] != feature_dim:
             raise ModelFolderError(f"{model_path}: model takes {fshape[1]} features per patch but the manifest says "
                                    f"{feature_dim}")
-        self._in_types = {n: _ORT_TYPES.get(ins[n].type, None) for n in INPUTS}
-        self.output_names = [n for n in outs if n in OUTPUTS]
+        self._in_types = {n: _ORT_TYPES.get(ins[n].type, None) for n in INPUT_NAMES}
+        self.output_names = [n for n in outs if n in OUTPUT_NAMES]
         self.device = f"cuda:{index}" if kind == "cuda" and index else kind
         self.detail = used[0]
         self.max_rows: int | None = None
@@ -183,7 +182,7 @@ class OnnxRuntimeBackend:
 
     def run(self, features: np.ndarray, neighbors: np.ndarray, slide_offsets: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {}
-        for name, arr in zip(INPUTS, (features, neighbors, slide_offsets)):
+        for name, arr in zip(INPUT_NAMES, (features, neighbors, slide_offsets)):
             dtype = self._in_types[name]
             feeds[name] = arr if dtype is None or arr.dtype == dtype else arr.astype(dtype)
         values = self.session.run(self.output_names, feeds)
@@ -332,7 +331,7 @@ class TensorRTBackend:
         self.context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self._outputs = [n for n in names if engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT and n in OUTPUTS]
+        self._outputs = [n for n in names if engine.get_tensor_mode(n) != trt.TensorIOMode.INPUT and n in OUTPUT_NAMES]
         _check_io(str(plan_path), self._inputs, self._outputs)
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         _, _, fmax = engine.get_tensor_profile_shape("features", 0)
@@ -356,7 +355,7 @@ class TensorRTBackend:
 
     def run(self, features: np.ndarray, neighbors: np.ndarray, slide_offsets: np.ndarray) -> dict[str, np.ndarray]:
         hosts: dict[str, np.ndarray] = {}
-        for name, arr in zip(INPUTS, (features, neighbors, slide_offsets)):
+        for name, arr in zip(INPUT_NAMES, (features, neighbors, slide_offsets)):
             host = np.ascontiguousarray(arr, dtype=self._dtypes[name])
             hosts[name] = host
             if not self.context.set_input_shape(name, tuple(host.shape)):
@@ -444,9 +443,9 @@ class TorchBackend:
         if hasattr(out, "_asdict"):
             out = out._asdict()
         if isinstance(out, dict):
-            items = [(k, v) for k, v in out.items() if k in OUTPUTS and v is not None]
+            items = [(k, v) for k, v in out.items() if k in OUTPUT_NAMES and v is not None]
         elif isinstance(out, (tuple, list)):
-            items = [(k, v) for k, v in zip(OUTPUTS, out) if v is not None]
+            items = [(k, v) for k, v in zip(OUTPUT_NAMES, out) if v is not None]
         else:
             raise ModelFolderError(f"torch model returned {type(out).__name__}; expected a dict or tuple of outputs")
         return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in items}

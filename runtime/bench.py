@@ -32,8 +32,8 @@ from momkd.manifest import Manifest, load_manifest
 from .backends import (Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend, _cuda_driver_present, cpu_count,
                        importable)
 from .flops import count_matmul_flops
-from .packing import Pack, PackSlide, pack_slides
-from .toy import grid_coords
+from momkd.data.batch import GraphSlide, Pack, pack_slides
+from momkd.synth import grid_coords
 
 BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt")
 DEVICES = ("cpu", "cuda")
@@ -112,8 +112,8 @@ def synthetic_pack(n_patches: int, slides: int, feature_dim: int, k: int, direct
 
     rng = np.random.default_rng(seed)
     neighbors = neighbor_table(grid_coords(n_patches, seed), k=k, direction=direction)
-    items = [PackSlide(i, f"synthetic_{i}", rng.standard_normal((n_patches, feature_dim), dtype=np.float32),
-                       neighbors, n_patches) for i in range(slides)]
+    items = [GraphSlide(f"synthetic_{i}", rng.standard_normal((n_patches, feature_dim), dtype=np.float32),
+                        neighbors, n_patches, index=i) for i in range(slides)]
     return pack_slides(items)
 
 

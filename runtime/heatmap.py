@@ -16,24 +16,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .wsi import Thumbnail
+from momkd.data.wsi import Thumbnail
 
-DEFAULT_PATCH_SIZE = 256   # patch side when neither the file nor the coordinates tell (a single patch)
 MAX_GRID_SIDE = 2048       # cells per side of the painted grid; coarser cells (max of the values) beyond it
 THUMBNAIL_SIDE = 1600      # pixels of the slide thumbnail behind the grid
 COLORMAP = "inferno"
-
-
-def infer_patch_size(coords: np.ndarray) -> int:
-    """The level-0 patch side implied by the coordinates: the smallest positive step between distinct x or y
-    values (patches tile a grid), or :data:`DEFAULT_PATCH_SIZE` for a single patch."""
-    steps = []
-    for axis in (0, 1):
-        gaps = np.diff(np.unique(coords[:, axis]))
-        gaps = gaps[gaps > 0]
-        if gaps.size:
-            steps.append(int(gaps.min()))
-    return min(steps) if steps else DEFAULT_PATCH_SIZE
 
 
 def patch_grid(coords: np.ndarray, values: np.ndarray, patch_size: int

@@ -79,7 +79,7 @@ class HeatmapWriter:
             from . import heatmap
         except ImportError as e:
             raise HeatmapError(f"--heatmaps needs matplotlib (pip install momkd[plot]): {e}") from None
-        from .wsi import OPENSLIDE_MISSING, openslide_module
+        from momkd.data.wsi import OPENSLIDE_MISSING, openslide_module
 
         self._heatmap = heatmap
         self.out_dir = Path(out_dir)
@@ -118,13 +118,12 @@ class HeatmapWriter:
 
     def _render(self, slide_id: str, source: Path, coords: np.ndarray, values: np.ndarray, probability: float,
                 prediction: str) -> None:
-        from momkd.data.slide import read_slide_header
-
-        from .wsi import SlideImageError, open_slide_image
+        from momkd.data.slide import level0_patch_size
+        from momkd.data.wsi import SlideImageError, open_slide_image
 
         path = heatmap_path(self.out_dir, slide_id)
         try:
-            patch_size = read_slide_header(source)[2].patch_size_level0 or self._heatmap.infer_patch_size(coords)
+            patch_size = level0_patch_size(source, coords)
             thumbnail, background = None, "patch grid"
             if self.use_images:
                 try:

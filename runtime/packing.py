@@ -1,5 +1,5 @@
-"""Pack slides into one ragged batch: ``features (N, D)``, ``neighbors (N, W)`` (global rows, -1 pad),
-``slide_offsets (B+1,)`` - the layout the exported model takes.
+"""The runtime's streaming packer: slides into the exported graph's ragged batch (``momkd.data.batch.Pack``)
+as they arrive, copied into reused buffers.
 
 Slides go in file order; a pack holds slides whose rows add up to at most ``max_rows``; a slide larger than
 that runs alone. A pack of one slide uses the slide's own arrays (no copy). A pack of several slides is
@@ -10,70 +10,11 @@ copied, slide by slide as they arrive, into a preallocated float32 buffer that i
 from __future__ import annotations
 
 import queue
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-
-@dataclass
-class PackSlide:
-    """A slide ready to pack (read, validated, neighbour table built)."""
-
-    index: int                   # discovery index (row of predictions.csv)
-    slide_id: str
-    features: np.ndarray | None  # (n, D) float32; set to None once copied into a pack buffer
-    neighbors: np.ndarray        # (n, W) int64, local rows, -1 pad
-    n: int
-    coords: np.ndarray | None = None   # kept only when attention is saved
-    meta: Any = None                   # passed through untouched (e.g. the SlideFile)
-    read_s: float = 0.0                # time spent reading + validating
-    graph_s: float = 0.0               # time spent building the neighbour table
-
-
-@dataclass
-class PackedEntry:
-    index: int
-    slide_id: str
-    n: int
-    offset: int
-    coords: np.ndarray | None
-    meta: Any
-
-
-@dataclass
-class Pack:
-    entries: list[PackedEntry]
-    features: np.ndarray        # (rows, D) float32, C-contiguous
-    neighbors: np.ndarray       # (rows, W) int64, global rows, -1 pad
-    slide_offsets: np.ndarray   # (B+1,) int64
-    buffer: "_Buffer | None" = field(default=None, repr=False)   # returned to its pool by release()
-
-    @property
-    def rows(self) -> int:
-        return int(self.slide_offsets[-1])
-
-    @property
-    def n_slides(self) -> int:
-        return len(self.entries)
-
-    def release(self) -> None:
-        """Give the features buffer back to its pool (call after the backend has run on this pack)."""
-        if self.buffer is not None:
-            self.buffer.pool._free.put(self.buffer)
-            self.buffer = None
-        self.features = self.neighbors = None  # type: ignore[assignment]
-
-
-def shift_neighbors(neighbors: np.ndarray, offset: int, width: int | None = None) -> np.ndarray:
-    """Local neighbour rows -> global rows of a pack (``+ offset``), -1 kept, right-padded with -1 to ``width``."""
-    n, w = neighbors.shape
-    width = w if width is None else width
-    if offset == 0 and width == w and neighbors.dtype == np.int64:
-        return neighbors
-    out = np.full((n, width), -1, dtype=np.int64)
-    np.add(neighbors, offset, out=out[:, :w], where=neighbors >= 0)
-    return out
+from momkd.data.batch import GraphSlide, Pack, PackedEntry, shift_neighbors
 
 
 class _Buffer:
@@ -107,6 +48,10 @@ class BufferPool:
         self.stop = stop
         self._free: queue.Queue[_Buffer] = queue.Queue()
         self.created = 0
+
+    def give_back(self, buffer: _Buffer) -> None:
+        """Return a buffer handed out by ``acquire`` (``Pack.release`` calls this)."""
+        self._free.put(buffer)
 
     def acquire(self) -> _Buffer:
         try:
@@ -150,12 +95,12 @@ class Packer:
         return max(1, self.max_rows >> max(0, self.ramp - self.n_packs))
 
     def _reset(self) -> None:
-        self._slides: list[PackSlide] = []
+        self._slides: list[GraphSlide] = []
         self._rows = 0
         self._buffer: _Buffer | None = None
         self._feats: np.ndarray | None = None   # the buffer's full-capacity view while copying
 
-    def add(self, slide: PackSlide) -> list[Pack]:
+    def add(self, slide: GraphSlide) -> list[Pack]:
         done: list[Pack] = []
         full = self.max_slides is not None and len(self._slides) >= self.max_slides
         if self._slides and (full or self._rows + slide.n > self.limit):
@@ -184,21 +129,21 @@ class Packer:
             self._buffer = None
             self._feats = np.empty((self.max_rows, dim), dtype=np.float32)
 
-    def _copy_in(self, slide: PackSlide, row: int) -> None:
+    def _copy_in(self, slide: GraphSlide, row: int) -> None:
         feats = slide.features
-        assert self._feats is not None and feats is not None
+        if self._feats is None or feats is None:
+            raise RuntimeError(f"slide {slide.slide_id}: copied twice or into no buffer")
         if feats.shape[1] != self._feats.shape[1]:
             raise ValueError(f"slide {slide.slide_id}: feature dim {feats.shape[1]} != pack dim {self._feats.shape[1]}")
         self._feats[row:row + slide.n] = feats
         slide.features = None   # release the slide's own copy now
 
-    def _single(self, slide: PackSlide) -> Pack:
+    def _single(self, slide: GraphSlide) -> Pack:
         self.n_packs += 1
         feats = np.ascontiguousarray(slide.features, dtype=np.float32)
-        entry = PackedEntry(slide.index, slide.slide_id, slide.n, 0, slide.coords, slide.meta)
         nb = shift_neighbors(slide.neighbors, 0)
         slide.features = None
-        return Pack([entry], feats, nb, np.array([0, slide.n], dtype=np.int64))
+        return Pack([PackedEntry.of(slide, 0)], feats, nb, np.array([0, slide.n], dtype=np.int64))
 
     def _emit(self) -> Pack:
         if len(self._slides) == 1:
@@ -209,37 +154,14 @@ class Packer:
         width = max(s.neighbors.shape[1] for s in self._slides)
         entries, nbs, offsets, row = [], [], [0], 0
         for s in self._slides:
-            entries.append(PackedEntry(s.index, s.slide_id, s.n, row, s.coords, s.meta))
+            entries.append(PackedEntry.of(s, row))
             nbs.append(shift_neighbors(s.neighbors, row, width))
             row += s.n
             offsets.append(row)
-        assert self._feats is not None
+        if self._feats is None:
+            raise RuntimeError("a pack of several slides without its buffer")
+        buffer = self._buffer
         pack = Pack(entries, self._feats[:row], np.concatenate(nbs, axis=0), np.asarray(offsets, dtype=np.int64),
-                    buffer=self._buffer)
+                    on_release=None if buffer is None else (lambda: buffer.pool.give_back(buffer)))
         self._reset()
         return pack
-
-
-def pack_slides(slides: list[PackSlide]) -> Pack:
-    """All ``slides`` in one pack (whatever their total rows): the reference packing, used by tests."""
-    packer = Packer(max_rows=max(1, sum(s.n for s in slides) + 1))
-    for s in slides:
-        assert not packer.add(s)
-    pack = packer.finish()
-    assert pack is not None
-    return pack
-
-
-def split_outputs(pack: Pack, outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Per-slide views of a pack's outputs: per-slide arrays indexed by b, per-row arrays sliced by offsets."""
-    B, N = pack.n_slides, pack.rows
-    per_slide = []
-    for b, e in enumerate(pack.entries):
-        d: dict[str, Any] = {}
-        for name, arr in outputs.items():
-            if arr.ndim >= 1 and arr.shape[0] == B and name in ("probability", "logits"):
-                d[name] = arr[b]
-            elif arr.ndim >= 1 and arr.shape[0] == N:
-                d[name] = arr[e.offset:e.offset + e.n]
-        per_slide.append(d)
-    return per_slide

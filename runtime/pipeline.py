@@ -32,7 +32,9 @@ from .attention_io import attention_path, write_attention
 from .backends import Backend, select_backend
 from .discover import SlideFile, discover_slides
 from .heatmap_writer import HeatmapOptions, HeatmapReport, HeatmapWriter, heatmap_path
-from .packing import BufferPool, Pack, Packer, PackSlide, PoolClosed, split_outputs
+from momkd.data.batch import GraphSlide, Pack, check_output_shapes, split_outputs
+
+from .packing import BufferPool, Packer, PoolClosed
 from .reader import POOLS, ReaderConfig, SlideFailure, SlideReader, one_line, resolve_pool
 from .results import (PREDICTIONS, ResultRow, ResultsError, ResultsWriter, file_stamp, read_predictions,
                       read_run_info, write_run_info)
@@ -169,6 +171,7 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
         raise UsageError(f"--reader must be one of {', '.join(POOLS)}, got {reader!r}")
     folder_p, out_p = _check_paths(Path(folder), Path(out_dir))
     manifest = load_manifest(model_dir, verify_checksums=True)
+    _check_graph_library(manifest, say)
     painter = (HeatmapWriter(out_p, heatmaps, manifest.model.class_names[1], say) if heatmaps is not None
                else None)
     files = discover_slides(folder_p, recursive=recursive)
@@ -223,6 +226,23 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
                             n_processed=len(todo), elapsed_s=elapsed, setup_s=setup_s, backend=be.name,
                             device=be.device, detail=be.detail, predictions_path=out_p / PREDICTIONS, timings=timings,
                             heatmaps=painted)
+
+
+def _check_graph_library(manifest: Manifest, say: Callable[[str], None]) -> None:
+    """An official-graph model needs scikit-learn (the authors' neighbour sets); say when its version differs
+    from the one the model was exported with (its KD-tree tie order is what the model was trained on)."""
+    if manifest.model.graph_direction != "official":
+        return
+    from momkd.graph import sklearn_version
+
+    try:
+        installed = sklearn_version()
+    except ImportError as e:
+        raise UsageError(f"{manifest.root}: {e}") from None
+    recorded = manifest.model.graph_library.get("scikit-learn")
+    if recorded and recorded != installed:
+        say(f"warning: {manifest.root} was exported with scikit-learn {recorded}, this is {installed}: "
+            "neighbour ties on patch grids may fall differently")
 
 
 def _run(todo: list[SlideFile], manifest: Manifest, be: Backend, writer: ResultsWriter, out_p: Path,
@@ -308,8 +328,8 @@ def _run(todo: list[SlideFile], manifest: Manifest, be: Backend, writer: Results
             except queue.Full:
                 continue
 
-    def add(item: PackSlide | SlideFailure) -> None:
-        if isinstance(item, PackSlide):
+    def add(item: GraphSlide | SlideFailure) -> None:
+        if isinstance(item, GraphSlide):
             timings["read_s"] += item.read_s
             timings["graph_s"] += item.graph_s
             limit = None
@@ -364,15 +384,9 @@ def _record_failure(f: SlideFailure, writer: ResultsWriter, counts: dict[str, in
 
 
 def _check_outputs(outputs: dict[str, np.ndarray], pack: Pack) -> None:
-    B, N = pack.n_slides, pack.rows
-    expected = {"probability": (B,), "attention": (N,), "patch_score": (N,)}
-    for name, shape in expected.items():
-        arr = outputs.get(name)
-        if arr is None:
-            raise ModelFolderError(f"the model returned no {name!r} output")
-        if tuple(arr.shape) != shape:
-            raise ModelFolderError(f"the model's {name!r} output has shape {tuple(arr.shape)}, expected {shape} "
-                                   f"for {B} slides / {N} patches")
+    problem = check_output_shapes(outputs, pack, ("probability", "attention", "patch_score"))
+    if problem is not None:
+        raise ModelFolderError(problem)
 
 
 def _run_pack(be: Backend, pack: Pack) -> list[tuple[Any, dict[str, Any] | str]]:
@@ -385,7 +399,7 @@ def _run_pack(be: Backend, pack: Pack) -> list[tuple[Any, dict[str, Any] | str]]
     except Exception as e:  # noqa: BLE001 - backend errors are the slide's, not the run's
         if pack.n_slides == 1:
             return [(pack.entries[0], f"inference failed ({type(e).__name__}: {one_line(str(e), 300)})")]
-        return [r for single in _split_pack(pack) for r in _run_pack(be, single)]
+        return [r for single in pack.singles() for r in _run_pack(be, single)]
     _check_outputs(outputs, pack)
     results: list[tuple[Any, dict[str, Any] | str]] = []
     for entry, out in zip(pack.entries, split_outputs(pack, outputs)):
@@ -398,19 +412,5 @@ def _run_pack(be: Backend, pack: Pack) -> list[tuple[Any, dict[str, Any] | str]]
     return results
 
 
-def _split_pack(pack: Pack) -> list[Pack]:
-    from .packing import PackedEntry
-
-    singles = []
-    for e in pack.entries:
-        r0, r1 = e.offset, e.offset + e.n
-        nb = pack.neighbors[r0:r1]
-        local = np.where(nb >= 0, nb - r0, -1)
-        singles.append(Pack([PackedEntry(e.index, e.slide_id, e.n, 0, e.coords, e.meta)], pack.features[r0:r1],
-                            local, np.array([0, e.n], dtype=np.int64)))
-    return singles
-
-
 # re-exported for callers that only import the pipeline
-__all__ = ["run_inference", "InferenceSummary", "UsageError", "DEFAULT_BATCH_PATCHES", "DEFAULT_WORKERS",
-           "PackSlide"]
+__all__ = ["run_inference", "InferenceSummary", "UsageError", "DEFAULT_BATCH_PATCHES", "DEFAULT_WORKERS"]

@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import sys
 import threading
-import time
 from collections import deque
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,10 +33,10 @@ from typing import Iterator
 
 import numpy as np
 
+from momkd.data.batch import GraphSlide, load_graph_slide
 from momkd.errors import SlideError
 
 from .discover import SlideFile
-from .packing import PackSlide
 
 POOLS = ("auto", "threads", "processes")
 SHM_DIR = "/dev/shm"
@@ -64,33 +63,15 @@ def one_line(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def load_one(file: SlideFile, cfg: ReaderConfig) -> PackSlide | SlideFailure:
-    """Read, validate and graph one slide; any problem is returned as a SlideFailure, never raised."""
-    from momkd.data.slide import read_slide
-    from momkd.graph import neighbor_table
-
+def load_one(file: SlideFile, cfg: ReaderConfig) -> GraphSlide | SlideFailure:
+    """Read, validate and graph one slide (``momkd.data.batch.load_graph_slide``: ``read_slide`` guarantees the
+    slide contract, the model's feature dim included); any problem is returned as a SlideFailure, never raised."""
     if file.duplicate_of is not None:
         return SlideFailure(file, "duplicate", f"duplicate slide id {file.slide_id!r}, also at {file.duplicate_of}")
     try:
-        t0 = time.perf_counter()
-        slide = read_slide(file.path, expected_dim=cfg.feature_dim)
-        features, coords = slide.features, slide.coords
-        n = int(features.shape[0])
-        if n == 0:   # read_slide raises SlideEmptyError; belt and braces
-            return SlideFailure(file, "empty", "slide has no patches (N = 0)", 0)
-        if features.ndim != 2 or features.shape[1] != cfg.feature_dim:
-            return SlideFailure(file, "feature_dim", f"feature dim {features.shape[-1]} does not match the model's "
-                                                     f"{cfg.feature_dim}", n)
-        if features.dtype != np.float32 or not features.flags.c_contiguous:
-            features = np.ascontiguousarray(features, dtype=np.float32)
-        t1 = time.perf_counter()
-        neighbors = neighbor_table(coords, k=cfg.k, direction=cfg.direction)
-        neighbors = np.ascontiguousarray(neighbors, dtype=np.int64)
-        if neighbors.ndim != 2 or neighbors.shape[0] != n:
-            return SlideFailure(file, "graph", f"neighbour table has shape {neighbors.shape}, expected ({n}, W)", n)
-        return PackSlide(index=file.index, slide_id=file.slide_id, features=features, neighbors=neighbors, n=n,
-                         coords=np.asarray(coords) if cfg.keep_coords else None, meta=file,
-                         read_s=t1 - t0, graph_s=time.perf_counter() - t1)
+        return load_graph_slide(file.path, cfg.k, cfg.direction, slide_id=file.slide_id,
+                                expected_dim=cfg.feature_dim, keep_coords=cfg.keep_coords, index=file.index,
+                                meta=file)
     except SlideError as e:
         return SlideFailure(file, e.code, one_line(getattr(e, "message", str(e))))
     except MemoryError:
@@ -145,10 +126,10 @@ class SharedArray:
             pass
 
 
-def load_shared(file: SlideFile, cfg: ReaderConfig) -> PackSlide | SlideFailure:
+def load_shared(file: SlideFile, cfg: ReaderConfig) -> GraphSlide | SlideFailure:
     """``load_one`` in a worker process, features handed over through ``/dev/shm``."""
     item = load_one(file, cfg)
-    if isinstance(item, PackSlide):
+    if isinstance(item, GraphSlide):
         try:
             item.features = SharedArray.export(item.features)   # type: ignore[assignment]
         except OSError:
@@ -156,8 +137,8 @@ def load_shared(file: SlideFile, cfg: ReaderConfig) -> PackSlide | SlideFailure:
     return item
 
 
-def _received(item: PackSlide | SlideFailure) -> PackSlide | SlideFailure:
-    if isinstance(item, PackSlide) and isinstance(item.features, SharedArray):
+def _received(item: GraphSlide | SlideFailure) -> GraphSlide | SlideFailure:
+    if isinstance(item, GraphSlide) and isinstance(item.features, SharedArray):
         item.features = item.features.attach()
     return item
 
@@ -167,7 +148,7 @@ def _discard(fut: Future) -> None:
     if fut.cancelled() or fut.exception() is not None:
         return
     item = fut.result()
-    if isinstance(item, PackSlide) and isinstance(item.features, SharedArray):
+    if isinstance(item, GraphSlide) and isinstance(item.features, SharedArray):
         item.features.discard()
 
 
@@ -201,7 +182,7 @@ def resolve_pool(pool: str, device: str) -> str:
 class SlideReader:
     """Reads ``files`` ahead with ``workers`` threads or processes and hands them out in file order.
 
-    ``take()`` returns the next ``PackSlide | SlideFailure`` (waiting for it if needed), ``ready()`` says whether
+    ``take()`` returns the next ``GraphSlide | SlideFailure`` (waiting for it if needed), ``ready()`` says whether
     the next one is already read, ``exhausted`` whether everything has been handed out. Read-ahead is bounded by
     count (``max_inflight``) and by bytes (files in flight add up to at most ``max_inflight_bytes`` on disk,
     estimated from file sizes; at least one is always in flight), so a folder of huge slides is never read into
@@ -263,7 +244,7 @@ class SlideReader:
     def ready(self) -> bool:
         return bool(self._pending) and self._pending[0][1].done()
 
-    def take(self) -> PackSlide | SlideFailure:
+    def take(self) -> GraphSlide | SlideFailure:
         if not self._pending:
             raise StopIteration
         file, fut, size = self._pending[0]
@@ -278,7 +259,7 @@ class SlideReader:
         self._refill()            # keep the workers busy while the caller uses this one
         return _received(item)
 
-    def _after_crash(self, file: SlideFile) -> PackSlide | SlideFailure:
+    def _after_crash(self, file: SlideFile) -> GraphSlide | SlideFailure:
         """A worker process died. Read alone (``_serial``), ``file`` is the culprit: it gets a failure row.
         Otherwise everything in flight is retried one file at a time on a fresh pool, so that the next crash
         names its file exactly; results that had already arrived are re-read (their memory freed)."""
@@ -303,7 +284,7 @@ class SlideReader:
         self._refill()
         return self.take()
 
-    def __iter__(self) -> Iterator[PackSlide | SlideFailure]:
+    def __iter__(self) -> Iterator[GraphSlide | SlideFailure]:
         try:
             while not self.exhausted:
                 yield self.take()

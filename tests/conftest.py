@@ -90,8 +90,8 @@ def bad_slide_files(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory) -> Path:
-    """A torch-free toy model folder (``momkd.runtime.toy``): feature dim 8, classes ("low", "high")."""
-    from momkd.runtime.toy import build_toy_model_dir
+    """A torch-free toy model folder (``momkd.testing.toy``): feature dim 8, classes ("low", "high")."""
+    from momkd.testing.toy import build_toy_model_dir
 
     d = tmp_path_factory.mktemp("toy") / "model"
     build_toy_model_dir(d, feature_dim=8, class_names=("low", "high"))

@@ -42,12 +42,12 @@ def paper_model(tmp_path_factory) -> tuple[Path, Path]:
 
 def _pack(sizes: list[int], direction: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from momkd.runtime.bench import synthetic_pack
-    from momkd.runtime.packing import PackSlide, pack_slides
+    from momkd.data.batch import GraphSlide, pack_slides
 
     slides = []
     for i, n in enumerate(sizes):
         one = synthetic_pack(n, 1, IN_DIM, 8, direction, seed=i)
-        slides.append(PackSlide(i, f"s{i}", one.features, one.neighbors, n))
+        slides.append(GraphSlide(f"s{i}", one.features, one.neighbors, n, index=i))
     pack = pack_slides(slides)
     return pack.features, pack.neighbors, pack.slide_offsets
 

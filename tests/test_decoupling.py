@@ -3,7 +3,8 @@
 * CE never reaches the memory.
 * The omics terms (align_omics, mse) never reach the WSI encoder, attention head, slide projection or classifier.
 * The WSI terms (ce, align_wsi, mem) never reach the omics encoder, decoder or projection.
-* The paper commitment term never reaches the memory (stop-gradient); the official VQ form does.
+* The commitment term never reaches the memory, in the paper form (stop-gradient) and in the official VQ form
+  (the authors' VectorQuantize detaches the quantised codes: learnable_codebook=False).
 * The alignment terms do reach the memory in ``gradient`` mode; in ``ema``/``fixed`` mode nothing does.
 """
 
@@ -109,19 +110,23 @@ def test_total_loss_reaches_omics_only_through_omics_terms() -> None:
         assert torch.equal(full[name], own[name]), name
 
 
+@pytest.mark.parametrize("name", ["paper", "official"])
 @pytest.mark.parametrize("label", [0, 1])
-def test_paper_commitment_never_reaches_the_memory(label: int) -> None:
-    model, out, _ = setup("paper", label)
+def test_commitment_never_reaches_the_memory(name: str, label: int) -> None:
+    model, out, _ = setup(name, label)
     g = groups(model)
-    commit = commitment_loss(out.patch_proj, model.memory.bank(label), "paper")
+    commit = commitment_loss(out.patch_proj, model.memory.bank(label), name)
     assert_zero(commit, g["memory"])
     assert_reaches(commit, g["wsi"])
 
 
-def test_official_commitment_trains_the_label_bank_only() -> None:
+def test_official_memory_loss_reaches_only_the_label_bank_through_orthogonality() -> None:
+    from momkd.losses import memory_loss
+
     model, out, _ = setup("official", 1)
-    commit = commitment_loss(out.patch_proj, model.memory.positive, "official")
-    got = grads(commit, groups(model)["memory"])
+    cfg = preset("official")[1]
+    mem = memory_loss(out.patch_proj, model.memory.positive, (model.memory.negative, model.memory.positive), cfg)
+    got = grads(mem, groups(model)["memory"])
     assert torch.count_nonzero(got["memory.positive"]) > 0
     assert got["memory.negative"] is None
 

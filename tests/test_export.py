@@ -27,12 +27,13 @@ pytest.importorskip("onnxscript")
 from typer.testing import CliRunner  # noqa: E402
 
 from momkd.cli.main import app  # noqa: E402
-from momkd.config import ModelConfig, preset  # noqa: E402
+from momkd.config import preset  # noqa: E402
 from momkd.errors import ModelFolderError  # noqa: E402
 from momkd.export.folder import export_run  # noqa: E402
 from momkd.export.frozen import FrozenEnsemble, load_run  # noqa: E402
 from momkd.export.onnx import FORBIDDEN_OPS, TRT_ALLOWED_OPS, graph_ops  # noqa: E402
-from momkd.export.verify import ExportVerificationError, pack_slides, verify_export  # noqa: E402
+from momkd.data.batch import GraphSlide, pack_slides  # noqa: E402
+from momkd.export.verify import ExportVerificationError, verify_export  # noqa: E402
 from momkd.manifest import load_manifest, sha256_file  # noqa: E402
 from momkd.models import build_model  # noqa: E402
 from momkd.train.checkpoint import save_checkpoint  # noqa: E402
@@ -127,8 +128,9 @@ def slide_batch(seed: int, sizes: list[int], width: int = K, direction: str = "p
         nb = neighbor_table(_grid_coords(rng, n), k=K, direction=direction)
         if nb.shape[1] < width:
             nb = np.concatenate([nb, np.full((n, width - nb.shape[1]), -1, np.int64)], axis=1)
-        slides.append(((rng.standard_normal((n, IN_DIM)) * 2).astype(np.float32), nb))
-    return pack_slides(slides)
+        slides.append(GraphSlide(f"s{len(slides)}", (rng.standard_normal((n, IN_DIM)) * 2).astype(np.float32), nb, n))
+    pack = pack_slides(slides)
+    return pack.features, pack.neighbors, pack.slide_offsets
 
 
 def run_onnx(path: Path, features: np.ndarray, neighbors: np.ndarray, offsets: np.ndarray,

@@ -11,7 +11,7 @@ pytest.importorskip("torch_geometric")
 from torch_geometric.nn import GATv2Conv  # noqa: E402
 
 from momkd.models.encoder import table_to_edge_index  # noqa: E402
-from momkd.runtime.toy import grid_coords  # noqa: E402
+from momkd.synth import grid_coords  # noqa: E402
 from momkd.models.gatv2 import (  # noqa: E402
     _POOL,
     DenseGATv2Conv,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from momkd import graph
-from momkd.graph import knn_table, neighbor_table, reverse_table, to_edge_index
+from momkd.graph import sklearn_knn_table, knn_table, neighbor_table, reverse_table, to_edge_index
 
 
 def oracle_knn(coords: np.ndarray, k: int) -> np.ndarray:
@@ -192,7 +192,7 @@ def test_reverse_table_generic_table() -> None:
 def test_neighbor_table_directions() -> None:
     coords = CASES["grid_with_holes"]
     np.testing.assert_array_equal(neighbor_table(coords), knn_table(coords, 8))
-    np.testing.assert_array_equal(neighbor_table(coords, 4, "official"), reverse_table(knn_table(coords, 4)))
+    np.testing.assert_array_equal(neighbor_table(coords, 4, "official"), reverse_table(sklearn_knn_table(coords, 4)))
     with pytest.raises(ValueError, match="'paper', 'official'"):
         neighbor_table(coords, direction="reverse")
 
@@ -210,11 +210,40 @@ def test_to_edge_index_semantics() -> None:
     for i in (0, 17, len(coords) - 1):
         np.testing.assert_array_equal(paper[0, paper[1] == i], knn[i])       # target i gathers from knn(i), in order
 
-    # official: the authors' sklearn-style [query, neighbour] pairs, flipped: source = query i, target = j in knn(i)
+    # official: the authors' edge_index = kneighbors_graph(coords, 8).nonzero() = [query i, neighbour j], read by
+    # PyG as [source, target]: target j gathers from every query i that lists j
+    kneighbors_graph = pytest.importorskip("sklearn.neighbors").kneighbors_graph
     official = to_edge_index(neighbor_table(coords, 8, "official"))
-    queries = np.repeat(np.arange(len(coords)), 8)
-    assert set(zip(official[0].tolist(), official[1].tolist())) == set(zip(queries.tolist(), knn.ravel().tolist()))
-    assert official.shape[1] == knn.size
+    queries, neighbours = kneighbors_graph(coords, 8, include_self=False).nonzero()
+    assert set(zip(official[0].tolist(), official[1].tolist())) == set(zip(queries.tolist(), neighbours.tolist()))
+    assert official.shape[1] == len(queries)
+
+
+def test_sklearn_knn_table_is_the_authors_graph() -> None:
+    """The official neighbour sets are scikit-learn's (tree-order ties), which on a patch grid differ from the
+    (distance, index) order of knn_table in many rows, while every row is still a true k-NN set."""
+    neighbors = pytest.importorskip("sklearn.neighbors")
+    coords = CASES["grid_with_holes"]
+    table = sklearn_knn_table(coords, 8)
+    np.testing.assert_array_equal(table, neighbors.kneighbors_graph(coords, 8, include_self=False).indices.reshape(-1, 8))
+    exact = knn_table(coords, 8)
+    assert sum(set(a) != set(b) for a, b in zip(table, exact)) > len(coords) // 10
+    dist = lambda t: np.sort(((coords[t] - coords[:, None, :]) ** 2).sum(-1), axis=1)  # noqa: E731
+    np.testing.assert_array_equal(dist(table), dist(exact))
+    for n in (1, 2, 5, 9):
+        small = sklearn_knn_table(coords[:n], 8)
+        assert small.shape == (n, 8) and ((small >= 0).sum(axis=1) == min(8, n - 1)).all()
+    dup = np.zeros((20, 2), np.int64)                       # all points identical: self is never listed
+    assert not (sklearn_knn_table(dup, 8) == np.arange(20)[:, None]).any()
+
+
+def test_official_graph_without_sklearn_says_what_to_install() -> None:
+    code = ("import sys; sys.modules['sklearn'] = None\n"
+            "import numpy as np, momkd.graph as g\n"
+            "try:\n    g.neighbor_table(np.zeros((3, 2)), 8, 'official')\n"
+            "except ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "pip install scikit-learn" in out
 
 
 def test_to_edge_index_is_pyg_source_to_target() -> None:
@@ -239,8 +268,15 @@ def test_to_edge_index_is_pyg_source_to_target() -> None:
 
 
 def test_imports_without_torch() -> None:
-    code = ("import sys; sys.modules['torch'] = None\n"
+    # torch made unimportable by a finder (a None entry in sys.modules would trip scipy's array-API probe,
+    # which sklearn runs; a machine without torch has no entry at all)
+    code = ("import sys, importlib.abc\n"
+            "class NoTorch(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
             "import numpy as np, momkd.graph as g\n"
             "assert g.neighbor_table(np.array([[0, 0], [256, 0], [0, 256]]), 8, 'official').shape == (3, 2)\n"
-            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+            "assert 'torch' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)

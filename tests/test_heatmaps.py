@@ -19,7 +19,8 @@ from momkd.cli.main import app  # noqa: E402
 from momkd.runtime import heatmap, wsi  # noqa: E402
 from momkd.runtime.heatmap_writer import HeatmapOptions  # noqa: E402
 from momkd.runtime.pipeline import run_inference  # noqa: E402
-from momkd.runtime.toy import grid_coords, write_slide_folder, write_trident_slide  # noqa: E402
+from momkd.synth import grid_coords  # noqa: E402
+from momkd.testing.toy import write_slide_folder, write_trident_slide  # noqa: E402
 
 DIM = 8
 runner = CliRunner()
@@ -127,8 +128,10 @@ def test_patch_grid_places_values() -> None:
     assert grid[0, 0] == 1.0 and grid[0, 1] == 2.0 and grid[2, 0] == 3.0
     assert np.isnan(grid[1]).all() and np.isnan(grid[2, 1])
     assert extent == (512.0, 1024.0, 1024.0, 256.0)
-    assert heatmap.infer_patch_size(coords) == 256
-    assert heatmap.infer_patch_size(np.array([[7, 9]])) == heatmap.DEFAULT_PATCH_SIZE
+    from momkd.data.slide import DEFAULT_PATCH_SIZE, infer_patch_size
+
+    assert infer_patch_size(coords) == 256
+    assert infer_patch_size(np.array([[7, 9]])) == DEFAULT_PATCH_SIZE
 
 
 def test_a_large_slide_renders_in_seconds(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from momkd.cli.main import app
-from momkd.runtime.toy import write_slide_folder
+from momkd.testing.toy import write_slide_folder
 
 DIM = 8
 runner = CliRunner()

@@ -42,7 +42,7 @@ def test_help_does_not_import_heavy_modules() -> None:
 def test_infer_heatmaps_are_torch_free_and_matplotlib_only_when_asked(tmp_path) -> None:
     """`momkd infer` never imports matplotlib unless --heatmaps is given; --heatmaps works with torch blocked, and
     without matplotlib it is a one-line usage error before anything is written."""
-    from momkd.runtime.toy import build_toy_model_dir, write_slide_folder
+    from momkd.testing.toy import build_toy_model_dir, write_slide_folder
 
     build_toy_model_dir(tmp_path / "model", feature_dim=8)
     write_slide_folder(tmp_path / "in", [9, 14], 8)

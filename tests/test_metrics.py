@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from momkd.metrics import accuracy, best_threshold, binary_metrics, f1_score, mean_std, roc_auc, roc_curve
+from momkd.data.cohort import SlideLabel
+from momkd.metrics import (accuracy, best_threshold, binary_metrics, case_and_slide_metrics, f1_score, macro_f1,
+                           mean_std, roc_auc, roc_curve)
 
 skm = pytest.importorskip("sklearn.metrics")
 
@@ -78,6 +80,38 @@ def test_accuracy_and_f1_edge_cases() -> None:
         f1_score([0, 1], [0.5, 1])
 
 
+def test_macro_f1_matches_sklearn() -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        n = int(rng.integers(1, 40))
+        y = (rng.uniform(size=n) < rng.uniform()).astype(int)          # often one class only
+        p = (rng.uniform(size=n) < rng.uniform()).astype(int)          # often one class predicted
+        want = skm.f1_score(y, p, average="macro", zero_division=0)
+        assert macro_f1(y, p) == pytest.approx(want, abs=1e-15), trial
+
+
+@pytest.mark.parametrize(("y", "p"), [
+    ([0, 1, 1, 0], [1, 1, 1, 1]),      # all predicted positive
+    ([0, 1, 1, 0], [0, 0, 0, 0]),      # all predicted negative
+    ([1, 1, 1], [1, 1, 1]),            # one class present, all right: F1 of that class only
+    ([0, 0, 0], [0, 0, 0]),
+    ([1, 1, 1], [0, 0, 0]),            # one class present, all wrong
+    ([0, 0, 0], [0, 1, 0]),            # one class present, both predicted
+    ([1, 1, 0], [0, 0, 0]),
+    ([0, 1], [0, 1]),
+])
+def test_macro_f1_edge_cases(y: list[int], p: list[int]) -> None:
+    assert macro_f1(y, p) == pytest.approx(skm.f1_score(y, p, average="macro", zero_division=0), abs=1e-15)
+
+
+def test_macro_f1_is_the_mean_of_both_classes_f1() -> None:
+    y, p = np.array([1, 1, 0, 0, 0, 1]), np.array([1, 0, 0, 1, 0, 1])
+    assert macro_f1(y, p) == pytest.approx((f1_score(y, p) + f1_score(1 - y, 1 - p)) / 2)
+    assert macro_f1([], []) == 0.0                                      # zero_division=0
+    with pytest.raises(ValueError, match="shape"):
+        macro_f1([0, 1], [0])
+
+
 def brute_best_threshold(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
     """The best F1 over the distinct scores and 0.5, and the rule's pick among the maximisers."""
     cands = sorted(set(s.tolist()) | {0.5})
@@ -120,30 +154,41 @@ def test_binary_metrics() -> None:
     y = np.array([0, 1, 1, 0, 1])
     s = np.array([0.2, 0.9, 0.4, 0.6, 0.7])
     m = binary_metrics(y, s, 0.5)
-    assert set(m) == {"auc", "acc", "f1", "threshold", "n", "n_pos"}
+    assert set(m) == {"auc", "acc", "f1", "f1_macro", "threshold", "n", "n_pos"}
     assert m["auc"] == pytest.approx(skm.roc_auc_score(y, s))
     assert m["acc"] == pytest.approx(0.6) and m["f1"] == pytest.approx(skm.f1_score(y, s >= 0.5))
+    assert m["f1_macro"] == pytest.approx(skm.f1_score(y, s >= 0.5, average="macro", zero_division=0))
     assert (m["threshold"], m["n"], m["n_pos"]) == (0.5, 5, 3)
     assert binary_metrics(y, s, 0.4)["acc"] == pytest.approx(0.8)      # score >= threshold is positive
     json.dumps(m)
-    assert all(type(m[k]) is float for k in ("auc", "acc", "f1", "threshold"))
+    assert all(type(m[k]) is float for k in ("auc", "acc", "f1", "f1_macro", "threshold"))
     assert all(type(m[k]) is int for k in ("n", "n_pos"))
 
 
+def test_case_and_slide_metrics() -> None:
+    items = [SlideLabel("a1", "a", 1), SlideLabel("a2", "a", 1), SlideLabel("b1", "b", 0), SlideLabel("c1", "c", 0),
+             SlideLabel("c2", "c", 0), SlideLabel("d1", "d", 1)]
+    probs = np.array([0.9, 0.2, 0.3, 0.7, 0.1, 0.6])
+    case, slide = case_and_slide_metrics(items, probs, 0.5)
+    assert case == binary_metrics([1, 0, 0, 1], [0.55, 0.3, 0.4, 0.6], 0.5)   # mean slide probability per case
+    assert slide == binary_metrics([1, 1, 0, 0, 0, 1], probs, 0.5)
+    assert (case["n"], slide["n"]) == (4, 6)
+
+
 def test_mean_std() -> None:
-    folds = [{"auc": 0.8, "acc": 0.7, "f1": 0.6, "n": 10}, {"auc": 0.9, "acc": 0.75, "f1": 0.5},
-             {"auc": 0.85, "acc": 0.8, "f1": 0.7}]
+    folds = [{"auc": 0.8, "acc": 0.7, "f1": 0.6, "f1_macro": 0.65, "n": 10},
+             {"auc": 0.9, "acc": 0.75, "f1": 0.5, "f1_macro": 0.6}, {"auc": 0.85, "acc": 0.8, "f1": 0.7, "f1_macro": 0.7}]
     mean, std = mean_std(folds)
-    for key in ("auc", "acc", "f1"):
+    for key in ("auc", "acc", "f1", "f1_macro"):
         values = [f[key] for f in folds]
         assert mean[key] == pytest.approx(np.mean(values))
         assert std[key] == pytest.approx(np.std(values, ddof=1))       # sample std
-    assert list(mean) == ["auc", "acc", "f1"]
+    assert list(mean) == ["auc", "acc", "f1", "f1_macro"]
     mean, std = mean_std(folds, keys=("f1",))
     assert set(mean) == set(std) == {"f1"}
     mean, std = mean_std(folds[:1])
     assert mean["auc"] == 0.8 and math.isnan(std["auc"])               # one fold: spread undefined
-    mean, std = mean_std([{"auc": float("nan"), "acc": 1.0, "f1": 1.0}, folds[0]])
+    mean, std = mean_std([{"auc": float("nan"), "acc": 1.0, "f1": 1.0, "f1_macro": 1.0}, folds[0]])
     assert math.isnan(mean["auc"]) and mean["acc"] == pytest.approx(0.85)
     with pytest.raises(ValueError, match="at least one"):
         mean_std([])
@@ -155,5 +200,6 @@ def test_imports_without_torch_or_sklearn() -> None:
     code = ("import sys; sys.modules['torch'] = None; sys.modules['sklearn'] = None\n"
             "import momkd.metrics as m\n"
             "assert m.roc_auc([0, 1, 1], [0.1, 0.5, 0.5]) == 1.0\n"
-            "assert m.best_threshold([0, 1], [0.2, 0.8]) == 0.5\n")
+            "assert m.best_threshold([0, 1], [0.2, 0.8]) == 0.5\n"
+            "assert m.macro_f1([0, 1], [0, 1]) == 1.0\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -22,9 +22,17 @@ from momkd.cli.main import app  # noqa: E402
 from momkd.data.cohort import case_level  # noqa: E402
 from momkd.metrics import roc_auc  # noqa: E402
 from momkd.report.runfolder import load_run  # noqa: E402
+from momkd.report.tables import summary_markdown  # noqa: E402
 
 runner = CliRunner()
 N_CODES, TOP_K, FOLDS = 2, 2, 2
+# the Markdown columns after fold and threshold: (fold-record block, mean block, std block, metric)
+CASE, SLIDE = ("test", "mean", "std"), ("test_slide", "mean_slide", "std_slide")
+COLUMNS = [(*CASE, "auc"), (*CASE, "acc"), (*CASE, "f1"), (*CASE, "f1_macro"),
+           (*SLIDE, "auc"), (*SLIDE, "acc"), (*SLIDE, "f1_macro")]
+HEADER = ["case AUC (%)", "case ACC (%)", "case F1 (%)", "case macro F1 (%)", "slide AUC (%)", "slide ACC (%)",
+          "slide macro F1 (%)"]
+METRICS = ("auc", "acc", "f1", "f1_macro")
 
 
 def pixel_variance(path: Path) -> float:
@@ -61,16 +69,29 @@ def report(runs: dict[str, Path], tmp_path_factory) -> Path:
     return out
 
 
-def md_table(text: str, first_header: str) -> list[list[str]]:
-    """The rows (cells, without ** emphasis) of the Markdown table whose header starts with ``first_header``."""
+def md_table(text: str, first_header: str, with_header: bool = False) -> list[list[str]]:
+    """The rows (cells, without ** emphasis) of the Markdown table whose header starts with ``first_header``
+    (the header row first if ``with_header``)."""
     lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} |"))
-    rows = []
+    rows = [lines[start]] if with_header else []
     for ln in lines[start + 2:]:
         if not ln.startswith("|"):
             break
-        rows.append([c.strip().strip("*") for c in ln.strip("|").split("|")])
-    return rows
+        rows.append(ln)
+    return [[c.strip().strip("*") for c in ln.strip("|").split("|")] for ln in rows]
+
+
+def strip_new_metrics(summary: dict) -> dict:
+    """A summary.json as versions before per-slide and macro F1 metrics wrote it."""
+    old = {k: v for k, v in summary.items() if k not in ("mean_slide", "std_slide")}
+    old["folds"] = [{k: v for k, v in r.items() if not k.endswith("_slide")} for r in summary["folds"]]
+    for record in old["folds"]:
+        for split in ("val", "test"):
+            record[split] = {k: v for k, v in record[split].items() if k != "f1_macro"}
+    for part in ("mean", "std"):
+        old[part] = {k: v for k, v in summary[part].items() if k != "f1_macro"}
+    return old
 
 
 def test_every_figure_exists_and_is_not_blank(report: Path) -> None:
@@ -86,17 +107,25 @@ def test_cv_table_numbers_are_summary_json(report: Path, runs: dict[str, Path]) 
     with (report / "cv_table.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["fold"] for r in rows] == [str(f["fold"]) for f in summary["folds"]] + ["mean", "std"]
+    assert list(rows[0]) == ["fold", "threshold", *METRICS, *(f"slide_{k}" for k in METRICS)]
     for row, record in zip(rows, summary["folds"]):
         assert float(row["threshold"]) == record["threshold"]
-        for key in ("auc", "acc", "f1"):
+        for key in METRICS:
             assert float(row[key]) == record["test"][key]
+            assert float(row[f"slide_{key}"]) == record["test_slide"][key]
     for row, part in zip(rows[-2:], ("mean", "std")):
-        assert [float(row[k]) for k in ("auc", "acc", "f1")] == [summary[part][k] for k in ("auc", "acc", "f1")]
+        assert [float(row[k]) for k in METRICS] == [summary[part][k] for k in METRICS]
+        assert [float(row[f"slide_{k}"]) for k in METRICS] == [summary[f"{part}_slide"][k] for k in METRICS]
 
-    md = md_table((report / "report.md").read_text(), "fold")
-    for cells, record in zip(md, summary["folds"]):
-        assert cells[2:] == [f"{100 * record['test'][k]:.1f}" for k in ("auc", "acc", "f1")]
-    assert md[-1][2:] == [f"{100 * summary['mean'][k]:.1f} ± {100 * summary['std'][k]:.1f}" for k in ("auc", "acc", "f1")]
+    text = (report / "report.md").read_text()
+    md = md_table(text, "fold", with_header=True)
+    assert md[0] == ["fold", "threshold", *HEADER]
+    for cells, record in zip(md[1:], summary["folds"]):
+        assert cells[2:] == [f"{100 * record[block][k]:.1f}" for block, _, _, k in COLUMNS]
+    assert md[-1][2:] == [f"{100 * summary[m][k]:.1f} ± {100 * summary[s][k]:.1f}" for _, m, s, k in COLUMNS]
+    assert "macro F1 is the definition of the authors' test.py and the paper's Table 1" in text
+    summary_md = (runs["momkd"] / "summary.md").read_text()
+    assert "the paper's Table 1" in summary_md and md_table(summary_md, "fold") == md[1:]
 
 
 def test_compare_table_puts_the_runs_side_by_side(report: Path, runs: dict[str, Path]) -> None:
@@ -105,7 +134,26 @@ def test_compare_table_puts_the_runs_side_by_side(report: Path, runs: dict[str, 
     for cells, name in zip(rows, ("momkd", "abmil")):
         summary = json.loads((runs[name] / "summary.json").read_text())
         assert cells[1] == name
-        assert cells[4] == f"{100 * summary['mean']['auc']:.1f} ± {100 * summary['std']['auc']:.1f}"
+        assert cells[4:] == [f"{100 * summary[m][k]:.1f} ± {100 * summary[s][k]:.1f}" for _, m, s, k in COLUMNS]
+
+
+def test_summary_of_an_older_version_renders_na(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "old"
+    shutil.copytree(runs["abmil"], run)
+    summary = strip_new_metrics(json.loads((run / "summary.json").read_text()))
+    (run / "summary.json").write_text(json.dumps(summary))
+    result = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "r"), "--compare", str(runs["momkd"])])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r" / "report.md").read_text()
+    old_rows = md_table(text, "fold") + md_table(text, "run")[:1]    # its folds, mean ± std and compare row
+    for cells in old_rows:
+        metric_cells = cells[-len(COLUMNS):]                             # case AUC, ACC, F1 | the new ones
+        assert "n/a" not in metric_cells[:3] and metric_cells[3:] == ["n/a"] * (len(COLUMNS) - 3), cells
+    assert "n/a" not in md_table(text, "run")[1]                         # the current run has every metric
+    with (tmp_path / "r" / "cv_table.csv").open() as f:
+        for row in csv.DictReader(f):
+            assert row["f1_macro"] == row["slide_auc"] == "" and row["auc"] != ""
+    assert md_table(summary_markdown(summary), "fold") == md_table(text, "fold")
 
 
 def test_roc_data_reproduces_the_summary_auc(runs: dict[str, Path]) -> None:

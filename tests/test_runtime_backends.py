@@ -17,9 +17,11 @@ from momkd.graph import neighbor_table
 from momkd.manifest import load_manifest, write_manifest
 from momkd.runtime.backends import (TENSORRT_MISSING, BackendError, OnnxRuntimeBackend, TensorRTBackend, cpu_count,
                                     importable, parse_device, select_backend, shared_cpu_arena)
-from momkd.runtime.packing import PackSlide, pack_slides
+from momkd.data.batch import GraphSlide, pack_slides
 from momkd.runtime.pipeline import run_inference
-from momkd.runtime.toy import build_toy_model_dir, grid_coords, toy_reference, write_slide_folder
+from momkd.synth import grid_coords
+
+from momkd.testing.toy import build_toy_model_dir, toy_reference, write_slide_folder
 
 DIM = 12
 
@@ -51,7 +53,7 @@ def _batch(sizes=(9, 1, 30), seed=0):
         f = rng.standard_normal((n, DIM)).astype(np.float32)
         nb = neighbor_table(grid_coords(n, seed=i), k=8)
         raw.append((f, nb))
-        slides.append(PackSlide(i, f"s{i}", f.copy(), nb, n))
+        slides.append(GraphSlide(f"s{i}", f.copy(), nb, n, index=i))
     return pack_slides(slides), raw
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from momkd.runtime.packing import BufferPool, Packer, PackSlide, pack_slides, shift_neighbors, split_outputs
+from momkd.data.batch import GraphSlide, pack_slides, shift_neighbors, split_outputs
+from momkd.runtime.packing import BufferPool, Packer
 
 
-def _slide(index: int, n: int, dim: int = 4, width: int = 3, seed: int = 0) -> PackSlide:
+def _slide(index: int, n: int, dim: int = 4, width: int = 3, seed: int = 0) -> GraphSlide:
     rng = np.random.default_rng(seed + index)
     feats = rng.standard_normal((n, dim)).astype(np.float32)
     nb = rng.integers(-1, n, size=(n, width)).astype(np.int64)
-    return PackSlide(index=index, slide_id=f"s{index}", features=feats, neighbors=nb, n=n)
+    return GraphSlide(index=index, slide_id=f"s{index}", features=feats, neighbors=nb, n=n)
 
 
-def _copy(s: PackSlide) -> tuple[np.ndarray, np.ndarray]:
+def _copy(s: GraphSlide) -> tuple[np.ndarray, np.ndarray]:
     return s.features.copy(), s.neighbors.copy()
 
 
@@ -42,7 +43,14 @@ def test_pack_offsets_and_global_neighbours() -> None:
         assert (got[:, w:] == -1).all()
         valid = got[got >= 0]
         assert ((valid >= r0) & (valid < r1)).all()   # a slide never sees another slide's rows
-    assert all(s.features is None for s in slides)    # slides' own copies released once packed
+    assert all(s.features is not None for s in slides)   # the reference packer leaves the slides alone
+    packer = Packer(max_rows=100)
+    for s in slides:
+        assert not packer.add(s)
+    streamed = packer.finish()
+    np.testing.assert_array_equal(streamed.features, pack.features)
+    np.testing.assert_array_equal(streamed.neighbors, pack.neighbors)
+    assert all(s.features is None for s in slides)    # the streaming packer releases each slide once copied
 
 
 def test_packer_respects_budget_and_order() -> None:
@@ -89,7 +97,7 @@ def test_buffer_pool_reuses_memory() -> None:
     bases = set()
     for i in range(20):                     # 20-row slides: packs of 3, each released after "compute"
         for pack in packer.add(_slide(i, 20)):
-            assert pack.n_slides == 3 and pack.buffer is not None
+            assert pack.n_slides == 3 and pack.on_release is not None
             bases.add(id(pack.features.base))
             pack.release()
     assert len(bases) == 1 and pool.created == 1     # one buffer, reused from pack to pack
@@ -107,3 +115,26 @@ def test_split_outputs_by_offsets() -> None:
     assert a["probability"] == pytest.approx(0.1) and b["probability"] == pytest.approx(0.9)
     assert a["attention"].tolist() == [0, 1] and b["attention"].tolist() == [2, 3, 4]
     assert b["patch_score"].tolist() == [-2, -3, -4]
+
+
+def test_reference_packing_works_under_python_O() -> None:
+    """The reference packer does its work outside any ``assert`` (``python -O`` strips asserts)."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\n"
+            "from momkd.data.batch import GraphSlide, pack_slides\n"
+            "s = [GraphSlide(f's{i}', np.ones((n, 3), np.float32), np.full((n, 2), -1), n) for i, n in enumerate((2, 5))]\n"
+            "p = pack_slides(s)\n"
+            "print(p.slide_offsets.tolist(), p.features.shape)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[0, 2, 7] (7, 3)"
+
+
+def test_pack_singles_are_local_packs() -> None:
+    pack = pack_slides([_slide(0, 4), _slide(1, 3, width=2)])
+    singles = pack.singles()
+    assert [p.slide_offsets.tolist() for p in singles] == [[0, 4], [0, 3]]
+    for single, entry in zip(singles, pack.entries):
+        assert single.neighbors.max() < entry.n and single.entries[0].offset == 0
+        np.testing.assert_array_equal(single.features, pack.features[entry.offset:entry.offset + entry.n])

@@ -18,7 +18,7 @@ from momkd.runtime.attention_io import read_attention
 from momkd.runtime.backends import OnnxRuntimeBackend
 from momkd.runtime.pipeline import UsageError, run_inference
 from momkd.runtime.results import COLUMNS
-from momkd.runtime.toy import build_toy_model_dir, toy_reference, write_slide_folder, write_trident_slide
+from momkd.testing.toy import build_toy_model_dir, toy_reference, write_slide_folder, write_trident_slide
 
 DIM = 16
 SIZES = [7, 40, 1, 120, 9, 2, 65]

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from momkd.runtime.discover import discover_slides
-from momkd.runtime.packing import PackSlide
+from momkd.data.batch import GraphSlide
 from momkd.runtime.pipeline import run_inference
 from momkd.runtime.reader import ReaderConfig, SlideFailure, SlideReader, load_shared, processes_supported
-from momkd.runtime.toy import build_toy_model_dir, write_slide_folder
+from momkd.testing.toy import build_toy_model_dir, write_slide_folder
 
 DIM = 8
 needs_shm = pytest.mark.skipif(not processes_supported(), reason="process reader needs Linux /dev/shm")
@@ -50,7 +50,7 @@ def test_file_order_and_contents(folder, pool: str) -> None:
     got = list(reader)
     assert [g.slide_id for g in got] == sorted(data)
     for g in got:
-        assert isinstance(g, PackSlide)
+        assert isinstance(g, GraphSlide)
         np.testing.assert_array_equal(g.features, data[g.slide_id][0])
         assert g.neighbors.shape == (g.n, 8) and g.neighbors.dtype == np.int64
     del got
@@ -79,7 +79,7 @@ def test_a_crashing_worker_costs_only_its_file(tmp_path: Path) -> None:
     ids = [g.file.slide_id if isinstance(g, SlideFailure) else g.slide_id for g in got]
     assert ids == [f.slide_id for f in files]
     kinds = dict(zip(ids, (type(g).__name__ for g in got)))
-    assert kinds.pop("crash_000") == "SlideFailure" and set(kinds.values()) == {"PackSlide"}
+    assert kinds.pop("crash_000") == "SlideFailure" and set(kinds.values()) == {"GraphSlide"}
     failure = next(g for g in got if isinstance(g, SlideFailure))
     assert failure.code == "crashed" and "crashed" in failure.message
     del got
@@ -92,7 +92,7 @@ def test_closing_early_frees_shared_memory(folder) -> None:
 
     reader = SlideReader(discover_slides(folder[0]), ReaderConfig(DIM), workers=2, pool="processes")
     first = reader.take()
-    assert isinstance(first, PackSlide)
+    assert isinstance(first, GraphSlide)
     reader.close()
     deadline = time.time() + 20
     while _leftovers() and time.time() < deadline:   # results still arriving are freed as they land

@@ -12,7 +12,7 @@ import pytest
 from momkd.runtime.backends import OnnxRuntimeBackend
 from momkd.runtime.pipeline import run_inference
 from momkd.runtime.results import COLUMNS, ResultRow, ResultsError, ResultsWriter, format_probability, read_predictions
-from momkd.runtime.toy import build_toy_model_dir, write_slide_folder
+from momkd.testing.toy import build_toy_model_dir, write_slide_folder
 
 DIM = 8
 

@@ -17,6 +17,7 @@ pytest.importorskip("torch_geometric")
 from momkd.cli.main import app  # noqa: E402
 
 runner = CliRunner()
+METRICS = {"auc", "acc", "f1", "f1_macro"}
 
 HISTORY_COLUMNS = {
     "epoch", "lr", "loss_total", "loss_ce", "loss_mse", "loss_align_wsi", "loss_align_omics", "loss_mem",
@@ -37,6 +38,9 @@ def small_run(synth_cohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "momkd"
     result = runner.invoke(app, train_args(synth_cohort, out, "--folds", "3", "--epochs", "3", "--memory-size", "4"))
     assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())                      # rich wraps long lines
+    assert "test per case: AUC" in printed and "per slide (paper Table 1): AUC" in printed, printed
+    assert printed.count("macro-F1") == 2, printed
     return out
 
 
@@ -55,14 +59,38 @@ def test_summary_schema(small_run: Path) -> None:
     assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
     for fold in summary["folds"]:
         assert 0.0 <= fold["threshold"] <= 1.0
-        for split in ("val", "test"):
-            assert {"auc", "acc", "f1"} <= set(fold[split])
-    tests = [f["test"] for f in summary["folds"]]
-    for key in ("auc", "acc", "f1"):
-        values = [t[key] for t in tests]
-        assert summary["mean"][key] == pytest.approx(float(np.mean(values)))
-        assert summary["std"][key] == pytest.approx(float(np.std(values, ddof=1)))
+        for split in ("val", "test", "val_slide", "test_slide"):
+            assert set(fold[split]) == {*METRICS, "threshold", "n", "n_pos"}
+            assert fold[split]["threshold"] == fold["threshold"]
+        assert json.loads((small_run / f"fold_{fold['fold']}" / "metrics.json").read_text()) == fold
+    for block, mean, std in (("test", "mean", "std"), ("test_slide", "mean_slide", "std_slide")):
+        for key in METRICS:
+            values = [f[block][key] for f in summary["folds"]]
+            assert summary[mean][key] == pytest.approx(float(np.mean(values)))
+            assert summary[std][key] == pytest.approx(float(np.std(values, ddof=1)))
     assert "mean ± std" in (small_run / "summary.md").read_text()
+
+
+def test_summary_metrics_recompute_from_test_predictions(small_run: Path) -> None:
+    """Per case (mean slide probability per case) and per slide metrics are those of test_predictions.csv's rows
+    at the fold's threshold; the F1 pair matches sklearn's positive-class and macro F1."""
+    skm = pytest.importorskip("sklearn.metrics")
+    summary = json.loads((small_run / "summary.json").read_text())
+    for fold in summary["folds"]:
+        with (small_run / f"fold_{fold['fold']}" / "test_predictions.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        slide_y = np.array([int(r["label"]) for r in rows])
+        slide_p = np.array([float(r["probability"]) for r in rows])
+        cases = sorted({r["case_id"] for r in rows})
+        case_y = np.array([next(int(r["label"]) for r in rows if r["case_id"] == c) for c in cases])
+        case_p = np.array([np.mean([float(r["probability"]) for r in rows if r["case_id"] == c]) for c in cases])
+        for block, y, p in (("test", case_y, case_p), ("test_slide", slide_y, slide_p)):
+            got, pred = fold[block], (p >= fold["threshold"]).astype(int)
+            assert (got["n"], got["n_pos"]) == (len(y), int(y.sum()))
+            assert got["acc"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-6)
+            assert got["f1"] == pytest.approx(skm.f1_score(y, pred, zero_division=0), abs=1e-6)
+            assert got["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0), abs=1e-6)
+            assert got["auc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-6)
 
 
 def test_history_has_every_term(small_run: Path) -> None:
@@ -150,7 +178,13 @@ def test_evaluate_matches_fold_mean(synth_cohort, small_run: Path, tmp_path: Pat
         folds = [float(row[f"probability_fold_{k}"]) for k in range(3)]
         assert float(row["probability"]) == pytest.approx(np.mean(folds), abs=1e-8)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["folds"]) == 3 and {"auc", "acc", "f1"} <= set(metrics["mean_model"])
+    assert len(metrics["folds"]) == 3
+    for record in (*metrics["folds"], metrics["mean_model"]):
+        assert set(record) - {"fold"} == {*METRICS, "threshold", "n", "n_pos", "slide"}
+        assert set(record["slide"]) == {*METRICS, "threshold", "n", "n_pos"}
+        assert record["slide"]["n"] == len(rows) and record["slide"]["threshold"] == record["threshold"]
+    printed = " ".join(result.output.split())                      # rich wraps long lines
+    assert "per case: AUC" in printed and "per slide (paper Table 1): AUC" in printed and "macro-F1" in printed
 
 
 @pytest.mark.slow

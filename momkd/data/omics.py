@@ -163,14 +163,20 @@ class OmicsTransform:
         n_genes: keep the ``n_genes`` genes of highest variance (of the log2 values, over the fitting cases;
             ties by table order); all genes when the table has fewer.
         genes: keep exactly these genes, in this order, instead of selecting by variance.
+        raw: the identity (every gene in table order, as stored: no log2, selection or z-score), which is what
+            the authors' code feeds the model (their per-case ``.npy`` vector); excludes ``log2`` and ``genes``.
 
     After ``fit``: ``selected`` (gene names, table order for variance selection), ``mean`` and ``std``
     (float64, one per selected gene, std floored at 1e-6).
     """
 
-    def __init__(self, log2: bool = True, n_genes: int = 768, genes: Sequence[str] | None = None) -> None:
+    def __init__(self, log2: bool = True, n_genes: int = 768, genes: Sequence[str] | None = None,
+                 raw: bool = False) -> None:
         if n_genes < 1:
             raise ValueError(f"n_genes must be >= 1, got {n_genes}")
+        if raw and (log2 or genes is not None):
+            raise ValueError("raw omics input takes every gene as stored: it excludes log2 and a gene list")
+        self.raw = bool(raw)
         self.log2 = bool(log2)
         self.n_genes = int(n_genes)
         self.genes = list(genes) if genes is not None else None
@@ -193,7 +199,10 @@ class OmicsTransform:
         """Fit selection and scaling on ``case_ids`` only (no other row of ``table`` is looked at)."""
         if len(case_ids) == 0:
             raise OmicsError(f"{table.source}: cannot fit the omics transform on zero cases")
-        if self.genes is not None:
+        if self.raw:
+            columns = np.arange(len(table.genes))
+            x = np.zeros((1, len(columns)))          # mean 0, std 1: the transform is the identity
+        elif self.genes is not None:
             columns = self._columns(table, self.genes, "gene list")
             x = self._prepare(table, case_ids, columns)
         else:
@@ -203,7 +212,7 @@ class OmicsTransform:
             x = x[:, columns]
         self.selected = [table.genes[j] for j in columns]
         self.mean = x.mean(axis=0)
-        self.std = np.maximum(x.std(axis=0), STD_FLOOR)
+        self.std = np.ones(len(columns)) if self.raw else np.maximum(x.std(axis=0), STD_FLOOR)
         self.n_fit_cases = len(case_ids)
         return self
 
@@ -249,6 +258,7 @@ class OmicsTransform:
             "format": _FORMAT,
             "version": _VERSION,
             "log2": self.log2,
+            "raw": self.raw,
             "n_genes": self.n_genes,
             "genes": self.genes,
             "selected": self.selected,
@@ -264,7 +274,7 @@ class OmicsTransform:
             if data.get("format") != _FORMAT or data.get("version") != _VERSION:
                 raise OmicsError(f"not a momkd omics transform (format {data.get('format')!r}, "
                                  f"version {data.get('version')!r})")
-            out = cls(log2=data["log2"], n_genes=data["n_genes"], genes=data["genes"])
+            out = cls(log2=data["log2"], n_genes=data["n_genes"], genes=data["genes"], raw=data.get("raw", False))
             out.selected = [str(g) for g in data["selected"]]
             out.mean = np.array(data["mean"], dtype=np.float64)
             out.std = np.array(data["std"], dtype=np.float64)

@@ -321,3 +321,27 @@ def _number(sources: tuple[Any, ...], name: str) -> float | None:
 def _text(sources: tuple[Any, ...], name: str) -> str | None:
     value = _first(sources, name)
     return str(value).strip() if value is not None else None
+
+
+DEFAULT_PATCH_SIZE = 256   # patch side when neither the file nor the coordinates tell (a single patch)
+
+
+def infer_patch_size(coords: np.ndarray) -> int:
+    """The level-0 patch side implied by the coordinates: the smallest positive step between distinct x or y
+    values (patches tile a grid), or :data:`DEFAULT_PATCH_SIZE` for a single patch."""
+    steps = []
+    for axis in (0, 1):
+        gaps = np.diff(np.unique(coords[:, axis]))
+        gaps = gaps[gaps > 0]
+        if gaps.size:
+            steps.append(int(gaps.min()))
+    return min(steps) if steps else DEFAULT_PATCH_SIZE
+
+
+def level0_patch_size(path: str | os.PathLike[str], coords: np.ndarray | None = None) -> int:
+    """A slide's level-0 patch side: TRIDENT's ``patch_size_level0`` attribute, else :func:`infer_patch_size`
+    of ``coords`` (read from the file when not given)."""
+    size = read_slide_header(path)[2].patch_size_level0
+    if size:
+        return int(size)
+    return infer_patch_size(read_slide(path).coords if coords is None else coords)

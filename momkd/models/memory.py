@@ -35,17 +35,25 @@ def nearest_code(points: Tensor, codes: Tensor) -> Tensor:
     return (F.normalize(points, dim=-1) @ F.normalize(codes, dim=-1).t()).argmax(dim=1)
 
 
-def spherical_kmeans(points: Tensor, n_codes: int, iters: int = 20, generator: torch.Generator | None = None) -> Tensor:
+KMEANS_FORMS = ("paper", "official")
+
+
+def spherical_kmeans(points: Tensor, n_codes: int, iters: int = 20, generator: torch.Generator | None = None,
+                     form: str = "paper") -> Tensor:
     """Spherical k-means: (M, D) points -> (n_codes, D) unit centroids (deterministic given ``generator``).
 
-    Points are L2-normalised; centroids start at ``n_codes`` distinct random points; each iteration assigns
-    every point to its most similar centroid and sets the centroid to the normalised sum of its points. A
-    centroid left without points is re-seeded with the point worst represented by its centroid.
+    Points are L2-normalised; centroids start at ``n_codes`` distinct random points (the first ``n_codes`` of a
+    ``randperm(M)``); each iteration assigns every point to its most similar centroid and moves the centroid to
+    the normalised mean of its points. A centroid left without points is, in the ``paper`` form, re-seeded with
+    the point worst represented by its centroid; in the ``official`` form (the authors' ``bootstrap_codebooks``)
+    it keeps its previous value.
 
     With fewer points than codes (``M < n_codes``) clustering is meaningless: every point becomes a code once,
     the rest are points drawn with replacement, and all get small Gaussian noise (std 0.01 before
-    re-normalisation) so no two codes coincide.
+    re-normalisation) so no two codes coincide. (The authors' code fails on such input.)
     """
+    if form not in KMEANS_FORMS:
+        raise ValueError(f"form must be one of {', '.join(KMEANS_FORMS)} (got {form!r})")
     if points.dim() != 2 or points.shape[0] == 0:
         raise ValueError(f"k-means needs a non-empty (M, D) tensor of points (got shape {tuple(points.shape)})")
     device = points.device
@@ -63,11 +71,13 @@ def spherical_kmeans(points: Tensor, n_codes: int, iters: int = 20, generator: t
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=n_codes)
         empty = torch.nonzero(counts == 0).flatten()
-        new = F.normalize(sums, dim=-1)
-        if empty.numel():  # re-seed empty clusters with the worst-represented points (deterministic)
-            worst = torch.argsort(best, stable=True)[: empty.numel()]
-            new[empty] = x[worst]
-        if torch.equal(new, centroids):
+        new = F.normalize(sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype), dim=-1)
+        if empty.numel():
+            if form == "paper":  # re-seed empty clusters with the worst-represented points (deterministic)
+                new[empty] = x[torch.argsort(best, stable=True)[: empty.numel()]]
+            else:
+                new[empty] = centroids[empty]
+        if torch.equal(new, centroids):  # a fixed point: every further iteration would return it
             break
         centroids = new
     return centroids
@@ -106,11 +116,12 @@ class ClassMemory(nn.Module):
         return F.normalize(self.negative, dim=-1), F.normalize(self.positive, dim=-1)
 
     @torch.no_grad()
-    def init_kmeans(self, proj_neg: Tensor, proj_pos: Tensor, iters: int = 20, seed: int = 0) -> None:
+    def init_kmeans(self, proj_neg: Tensor, proj_pos: Tensor, iters: int = 20, seed: int = 0,
+                    form: str = "paper") -> None:
         """Initialise each bank by spherical k-means of its class's patch projections (see spherical_kmeans)."""
         generator = torch.Generator().manual_seed(int(seed))
         for bank, points in ((self.negative, proj_neg), (self.positive, proj_pos)):
-            bank.copy_(spherical_kmeans(points, self.n_codes, iters, generator).to(bank.device, bank.dtype))
+            bank.copy_(spherical_kmeans(points, self.n_codes, iters, generator, form).to(bank.device, bank.dtype))
 
     @torch.no_grad()
     def ema_update(self, patch_proj: Tensor, label: int | Tensor) -> None:

@@ -93,7 +93,7 @@ class MoMKD(nn.Module):
         self.classifier = make_classifier(cfg)
         self.slide_proj = nn.Linear(cfg.dim, cfg.proj_dim) if cfg.separate_slide_proj else None
         if omics_dim > 0:
-            self.omics = OmicsAutoencoder(omics_dim, cfg.omics_hidden, cfg.dim, cfg.omics_dropout)
+            self.omics = OmicsAutoencoder(omics_dim, cfg.omics_hidden, cfg.dim, cfg.omics_dropout, cfg.omics_layout)
             self.omics_proj = nn.Linear(cfg.dim, cfg.proj_dim)
         else:
             self.omics = None

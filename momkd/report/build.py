@@ -19,7 +19,7 @@ from momkd.errors import MomkdError
 from . import figures
 from .document import Block, Figure, Heading, Paragraph, Table, to_html, to_markdown
 from .runfolder import RunRecord, load_run
-from .tables import compare_table, cv_table, cv_table_csv
+from .tables import LEGEND, compare_table, cv_table, cv_table_csv
 
 if TYPE_CHECKING:
     from .memory_codes import CodeHit
@@ -128,13 +128,14 @@ def build_report(run_dir: str | Path, out_dir: str | Path, *, compare: Sequence[
         Paragraph(f"Run folder {run.path.resolve()}: model {run.model}, {summary['preset']} preset, "
                   f"{len(run.folds)} folds; report written by momkd {momkd.__version__}."),
         Heading("Cross-validation (test split, threshold chosen on validation)"),
-        Paragraph(f"Case-level test metrics in percent, as in the paper's Table 1; the values are those of "
-                  f"summary.json (full precision in {CV_CSV})."),
+        Paragraph(f"Test metrics in percent; the values are those of summary.json (full precision in {CV_CSV}). "
+                  f"{LEGEND}"),
         cv_table(summary),
     ]
     if others:
         runs = [run, *others]
-        blocks += [Heading("Comparison"), Paragraph("Mean ± std over folds of the test metrics (%) of each run."),
+        blocks += [Heading("Comparison"),
+                   Paragraph("Mean ± std over folds of the test metrics (%) of each run (columns as above)."),
                    compare_table(list(zip(_run_names(runs), (r.summary for r in runs))))]
     log("figures: ROC, loss curves")
     blocks.append(Heading("ROC curves per fold"))

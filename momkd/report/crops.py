@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from momkd.data.slide import read_slide, read_slide_header
+from momkd.data.slide import level0_patch_size
 from momkd.errors import SlideError
-from momkd.runtime.heatmap import infer_patch_size
-from momkd.runtime.wsi import SlideImage, SlideImageError, open_slide_image, openslide_module
+from momkd.data.wsi import SlideImage, SlideImageError, open_slide_image, openslide_module
 
 from .memory_codes import CodeHit
 
@@ -22,8 +21,7 @@ CROP_SIDE = 96   # pixels of one crop in the montage
 
 def _patch_size(features_dir: Path, slide_id: str) -> int:
     """The slide's level-0 patch side: TRIDENT's attribute, else the coordinate spacing."""
-    path = features_dir / f"{slide_id}.h5"
-    return read_slide_header(path)[2].patch_size_level0 or infer_patch_size(read_slide(path).coords)
+    return level0_patch_size(features_dir / f"{slide_id}.h5")
 
 
 class _Crops:

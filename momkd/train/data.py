@@ -3,33 +3,9 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from momkd.data.slide import read_slide
-from momkd.graph import neighbor_table
-
-
-@dataclass(frozen=True)
-class SlideGraph:
-    """One slide ready for the model.
-
-    Attributes:
-        features: (N, D) float32 patch features.
-        neighbors: (N, W) int64 neighbour table (-1 padded, self excluded).
-        coords: (N, 2) int64 level-0 patch coordinates.
-    """
-
-    slide_id: str
-    features: np.ndarray
-    neighbors: np.ndarray
-    coords: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        return self.features.nbytes + self.neighbors.nbytes + self.coords.nbytes
+from momkd.data.batch import GraphSlide, load_graph_slide
 
 
 class SlideStore:
@@ -52,21 +28,17 @@ class SlideStore:
         self.direction = direction
         self.expected_dim = expected_dim
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[str, SlideGraph] = OrderedDict()
+        self._cache: OrderedDict[str, GraphSlide] = OrderedDict()
         self._cached_bytes = 0
 
-    def get(self, slide_id: str) -> SlideGraph:
+    def get(self, slide_id: str) -> GraphSlide:
+        """The slide's unit (``momkd.data.batch.load_graph_slide``), read once while it stays cached."""
         graph = self._cache.get(slide_id)
         if graph is not None:
             self._cache.move_to_end(slide_id)
             return graph
-        slide = read_slide(self.paths[slide_id], expected_dim=self.expected_dim)
-        graph = SlideGraph(
-            slide_id=slide_id,
-            features=slide.features,
-            neighbors=neighbor_table(slide.coords, k=self.k, direction=self.direction),
-            coords=slide.coords,
-        )
+        graph = load_graph_slide(self.paths[slide_id], self.k, self.direction, slide_id=slide_id,
+                                 expected_dim=self.expected_dim)
         if graph.nbytes <= self.cache_bytes:
             self._cache[slide_id] = graph
             self._cached_bytes += graph.nbytes

@@ -17,6 +17,7 @@ from momkd.train.config import TrainConfig
 from momkd.train.data import SlideStore
 from momkd.train.predict import predict_slides, slide_tensors
 from momkd.train.sampler import balanced_epoch
+from momkd.train.stopping import make_stopping
 
 LOSS_TERMS = ("total", "ce", "mse", "align_wsi", "align_omics", "mem")
 
@@ -78,26 +79,54 @@ class FoldTrainer:
     # ------------------------------------------------------------------ memory initialisation
     @torch.no_grad()
     def init_memory(self, items: Sequence[SlideLabel], rng: np.random.Generator) -> None:
-        """Spherical k-means of untrained-encoder patch projections, up to ``kmeans_patches`` per class."""
+        """Spherical k-means of untrained-encoder (eval mode) patch projections of each class's training slides.
+
+        ``paper`` protocol: slides of the class in random order, an equal random quota of patches from each, up
+        to ``kmeans_patches`` per class. ``official`` (the authors' ``bootstrap_codebooks``): whole slides in the
+        order of one class-balanced sampler epoch until both classes hold at least ``kmeans_patches`` patches (or
+        the epoch ends), every patch of every drawn slide kept (a slide drawn twice counts twice).
+        """
         if self.memory is None:
             return
         self.model.eval()
-        per_class: list[torch.Tensor] = []
-        for label in (0, 1):
-            slides = [it for it in items if it.label == label]
-            order = rng.permutation(len(slides))
-            quota = max(1, math.ceil(self.cfg.kmeans_patches / max(len(slides), 1)))
-            chunks, total = [], 0
-            for i in order:
-                features, neighbors = slide_tensors(self.store.get(slides[i].slide_id), self.device)
-                proj = self.model.patch_projections(features, neighbors)
-                take = torch.from_numpy(rng.permutation(proj.shape[0])[:quota]).to(self.device)
-                chunks.append(proj[take])
-                total += chunks[-1].shape[0]
-                if total >= self.cfg.kmeans_patches:
-                    break
-            per_class.append(torch.cat(chunks)[: self.cfg.kmeans_patches])
-        self.memory.init_kmeans(per_class[0], per_class[1], iters=self.cfg.kmeans_iters, seed=int(rng.integers(2**31)))
+        if self.cfg.protocol == "official":
+            per_class = self._bootstrap_points(items, rng)
+        else:
+            per_class = [self._quota_points([it for it in items if it.label == label], rng) for label in (0, 1)]
+        self.memory.init_kmeans(per_class[0], per_class[1], iters=self.cfg.kmeans_iters,
+                                seed=int(rng.integers(2**31)), form=self.cfg.protocol)
+
+    def _projections(self, slide_id: str) -> torch.Tensor:
+        features, neighbors = slide_tensors(self.store.get(slide_id), self.device)
+        return self.model.patch_projections(features, neighbors)
+
+    def _quota_points(self, slides: Sequence[SlideLabel], rng: np.random.Generator) -> torch.Tensor:
+        """Up to ``kmeans_patches`` projections: an equal random share from each slide, slides in random order."""
+        quota = max(1, math.ceil(self.cfg.kmeans_patches / max(len(slides), 1)))
+        chunks, total = [], 0
+        for i in rng.permutation(len(slides)):
+            proj = self._projections(slides[i].slide_id)
+            take = torch.from_numpy(rng.permutation(proj.shape[0])[:quota]).to(self.device)
+            chunks.append(proj[take])
+            total += chunks[-1].shape[0]
+            if total >= self.cfg.kmeans_patches:
+                break
+        return torch.cat(chunks)[: self.cfg.kmeans_patches]
+
+    def _bootstrap_points(self, items: Sequence[SlideLabel], rng: np.random.Generator) -> list[torch.Tensor]:
+        """[negative, positive] projections of whole slides from one balanced sampler epoch (authors' rule)."""
+        chunks: list[list[torch.Tensor]] = [[], []]
+        totals = [0, 0]
+        for i in balanced_epoch(np.array([it.label for it in items]), rng):
+            proj = self._projections(items[i].slide_id)
+            chunks[items[i].label].append(proj)
+            totals[items[i].label] += proj.shape[0]
+            if min(totals) >= self.cfg.kmeans_patches:
+                break
+        for label in (0, 1):   # a class the epoch never drew: fall back to all of its slides
+            if not chunks[label]:
+                chunks[label] = [self._projections(it.slide_id) for it in items if it.label == label]
+        return [torch.cat(c) for c in chunks]
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, items: Sequence[SlideLabel], optimizer: torch.optim.Optimizer,
@@ -145,17 +174,20 @@ class FoldTrainer:
 
     # ------------------------------------------------------------------ validation
     def validate(self, items: Sequence[SlideLabel]) -> tuple[float, float]:
-        """Case-level validation AUC and mean slide cross-entropy (the tie-breaker)."""
+        """Validation AUC (per case; per slide under the ``official`` protocol, as the authors) and mean slide
+        cross-entropy (the ``paper`` tie-breaker)."""
         probs = predict_slides(self.model, self.store, [it.slide_id for it in items], self.device)
         p = np.clip(probs, 1e-7, 1 - 1e-7)
         y = np.array([it.label for it in items])
         ce = float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+        if self.cfg.protocol == "official":
+            return roc_auc(y, probs), ce
         _, case_y, case_p = case_level(items, probs)
         return roc_auc(case_y, case_p), ce
 
     # ------------------------------------------------------------------ the whole fit
     def fit(self, train: Sequence[SlideLabel], val: Sequence[SlideLabel], rng: np.random.Generator) -> FitResult:
-        """Initialise the memory, train with early stopping on validation AUC, keep the best weights."""
+        """Initialise the memory, train with early stopping on validation AUC, keep the selected weights."""
         self.init_memory(train, rng)
         optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
@@ -164,9 +196,8 @@ class FoldTrainer:
             torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.2, patience=5)
             if self.cfg.lr_plateau else None
         )
-        best_key = (-math.inf, -math.inf)
+        stopping = make_stopping(self.cfg.protocol, self.cfg.patience, self.cfg.min_epochs)
         result = FitResult(best_state={}, best_epoch=0)
-        stale = 0
         for epoch in range(1, self.cfg.epochs + 1):
             if self.on_epoch is not None:
                 self.on_epoch(epoch)
@@ -175,16 +206,14 @@ class FoldTrainer:
             val_auc, val_ce = self.validate(val)
             row.update(val_auc=val_auc, val_loss_ce=val_ce)
             result.history.append(row)
-            key = (val_auc if not math.isnan(val_auc) else -math.inf, -val_ce)
-            if key > best_key:
-                best_key, stale = key, 0
+            decision = stopping.update(epoch, val_auc, val_ce)
+            if decision.keep:
                 result.best_epoch = epoch
                 result.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            else:
-                stale += 1
             if scheduler is not None:
-                scheduler.step(val_auc if not math.isnan(val_auc) else -val_ce)
-            if epoch >= self.cfg.min_epochs and stale >= self.cfg.patience:
+                undefined = 0.5 if self.cfg.protocol == "official" else -val_ce
+                scheduler.step(val_auc if not math.isnan(val_auc) else undefined)
+            if decision.stop:
                 break
         self.model.load_state_dict(result.best_state)
         return result

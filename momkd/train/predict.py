@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from momkd.train.data import SlideGraph, SlideStore
+from momkd.data.batch import GraphSlide
+from momkd.train.data import SlideStore
 
 
-def slide_tensors(graph: SlideGraph, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def slide_tensors(graph: GraphSlide, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) float32 features and (N, W) int64 neighbours of one slide, on ``device``."""
     return (
         torch.from_numpy(graph.features).to(device, non_blocking=True),

@@ -16,13 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import momkd
 from momkd.config import LossConfig, ModelConfig
-from momkd.data.cohort import Cohort, SlideLabel, Split, case_level, load_splits, make_splits, save_splits
+from momkd.data.cohort import Cohort, SlideLabel, case_level, load_splits, make_splits, save_splits
 from momkd.data.omics import OmicsTable, OmicsTransform
 from momkd.errors import RunFolderError
 from momkd.losses import MoMKDLoss
-from momkd.metrics import best_threshold, binary_metrics, mean_std
+from momkd.metrics import best_threshold, case_and_slide_metrics, mean_std
 from momkd.models import build_model
-from momkd.report.tables import METRIC_KEYS, summary_markdown
+from momkd.report.tables import summary_markdown
 from momkd.train.checkpoint import save_checkpoint
 from momkd.train.config import TrainConfig
 from momkd.train.data import SlideStore
@@ -57,6 +57,7 @@ class OmicsOptions:
     log2: bool = True
     n_genes: int = 768
     genes: list[str] | None = None
+    raw: bool = False  # feed the stored vector as is (the authors' code): no log2, selection or z-score
 
 
 def train_run(
@@ -71,7 +72,14 @@ def train_run(
     only_folds: Sequence[int] | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Train every fold and write the run folder (layout in docs/ARCHITECTURE.md). Returns the summary."""
+    """Train every fold and write the run folder (layout in docs/ARCHITECTURE.md). Returns the summary.
+
+    Each fold record (``summary["folds"][i]`` and ``fold_K/metrics.json``) holds ``binary_metrics`` (auc, acc,
+    f1 = positive-class F1, f1_macro, threshold, n, n_pos) at the fold's threshold (max F1 per case on
+    validation): ``val`` / ``test`` per case (mean slide probability per case), ``val_slide`` / ``test_slide``
+    per slide (the unit of the authors' test.py and the paper's Table 1). ``mean`` / ``std`` summarise ``test``
+    over folds, ``mean_slide`` / ``std_slide`` summarise ``test_slide`` (keys ``SUMMARY_KEYS``).
+    """
     console = console or Console(stderr=True)
     if (out_dir / "summary.json").exists():
         raise RunFolderError(f"{out_dir}: already holds a finished run; choose another --out")
@@ -94,7 +102,8 @@ def train_run(
         "model": model_cfg.to_dict(),
         "loss": loss_cfg.to_dict(),
         "train": train_cfg.to_dict(),
-        "omics_transform": {"log2": omics_opts.log2, "n_genes": omics_opts.n_genes, "genes": omics_opts.genes},
+        "omics_transform": {"log2": omics_opts.log2, "n_genes": omics_opts.n_genes, "genes": omics_opts.genes,
+                            "raw": omics_opts.raw},
     })
 
     device = resolve_device(train_cfg.device)
@@ -112,7 +121,8 @@ def train_run(
             omics_by_case: dict[str, np.ndarray] = {}
             omics_dim = 0
             if uses_omics:
-                transform = OmicsTransform(log2=omics_opts.log2, n_genes=omics_opts.n_genes, genes=omics_opts.genes)
+                transform = OmicsTransform(log2=omics_opts.log2, n_genes=omics_opts.n_genes, genes=omics_opts.genes,
+                                           raw=omics_opts.raw)
                 transform.fit(data.omics, list(split.train))
                 transform.save(fold_dir / "omics_transform.json")
                 vectors = transform.transform(data.omics, list(split.train))
@@ -132,15 +142,18 @@ def train_run(
             val_probs = predict_slides(trainer.model, store, [it.slide_id for it in val_items], device)
             test_probs = predict_slides(trainer.model, store, [it.slide_id for it in test_items], device)
             _, val_y, val_p = case_level(val_items, val_probs)
-            test_cases, test_y, test_p = case_level(test_items, test_probs)
             threshold = best_threshold(val_y, val_p)
+            val_case, val_slide = case_and_slide_metrics(val_items, val_probs, threshold)
+            test_case, test_slide = case_and_slide_metrics(test_items, test_probs, threshold)
             record = {
                 "fold": fold,
                 "threshold": threshold,
                 "best_epoch": fit.best_epoch,
                 "epochs_run": len(fit.history),
-                "val": binary_metrics(val_y, val_p, threshold),
-                "test": binary_metrics(test_y, test_p, threshold),
+                "val": val_case,
+                "test": test_case,
+                "val_slide": val_slide,
+                "test_slide": test_slide,
             }
             fold_records.append(record)
             save_checkpoint(fold_dir, fit.best_state, {
@@ -163,11 +176,13 @@ def train_run(
             console.print(
                 f"fold {fold}: best epoch {fit.best_epoch}/{len(fit.history)}, "
                 f"val AUC {record['val']['auc']:.3f}, test AUC {record['test']['auc']:.3f} "
-                f"ACC {record['test']['acc']:.3f} F1 {record['test']['f1']:.3f} ({len(test_cases)} test cases)"
+                f"ACC {record['test']['acc']:.3f} F1 {record['test']['f1']:.3f} ({test_case['n']} test cases)"
             )
 
-    mean, std = mean_std([r["test"] for r in fold_records], keys=METRIC_KEYS)
-    summary = {"model": model_cfg.model, "preset": preset, "folds": fold_records, "mean": mean, "std": std}
+    mean, std = mean_std([r["test"] for r in fold_records])
+    mean_slide, std_slide = mean_std([r["test_slide"] for r in fold_records])
+    summary = {"model": model_cfg.model, "preset": preset, "folds": fold_records, "mean": mean, "std": std,
+               "mean_slide": mean_slide, "std_slide": std_slide}
     _write_json(out_dir / "summary.json", summary)
     (out_dir / "summary.md").write_text(summary_markdown(summary))
     return summary

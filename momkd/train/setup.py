@@ -48,7 +48,7 @@ def build_configs(
     train_cfg = TrainConfig(folds=folds, seed=seed, device=device)
     if preset == "official":  # the released training script's choices
         train_cfg = dataclasses.replace(train_cfg, grad_clip=16.0, lr_plateau=True, patience=1,
-                                        kmeans_patches=model_cfg.kmeans_patches, epochs=100)
+                                        kmeans_patches=model_cfg.kmeans_patches, epochs=100, protocol="official")
     else:
         train_cfg = dataclasses.replace(train_cfg, kmeans_patches=model_cfg.kmeans_patches)
     train_over = {"epochs": epochs, "patience": patience, "lr": lr}

@@ -22,6 +22,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from momkd.synth import grid_coords
+
 OPSET = 17
 
 
@@ -196,15 +198,6 @@ def build_toy_model_dir(model_dir: str | Path, feature_dim: int = 32, hidden: in
         "verification": {"toy": True},
     })
     return params
-
-
-def grid_coords(n: int, seed: int = 0, patch: int = 256) -> np.ndarray:
-    """(n, 2) int64 TRIDENT-like level-0 patch grid with holes."""
-    rng = np.random.default_rng(seed)
-    side = int(np.ceil(np.sqrt(max(n, 1) / 0.8)))
-    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2)
-    keep = np.sort(rng.permutation(len(grid))[:n])
-    return grid[keep].astype(np.int64) * patch
 
 
 def write_trident_slide(path: str | Path, features: np.ndarray, coords: np.ndarray, *, encoder: str = "toy",
