@@ -41,21 +41,13 @@ LOG="$OUT/gpu_session.log"
 STATUS="$WORK/status.tsv"
 : > "$STATUS"
 
-if [ ! -f momkd/__init__.py ] || [ ! -d export ] || [ ! -d runtime ]; then
-    echo "error: run from the momkd repository root (momkd/, export/, runtime/)" >&2
+if [ ! -f momkd/__init__.py ] || [ ! -d momkd/export ] || [ ! -d momkd/runtime ]; then
+    echo "error: run from the momkd repository root (momkd/export, momkd/runtime)" >&2
     exit 2
 fi
 
-# The package without installing it: momkd.export, momkd.runtime and momkd.cli live in export/, runtime/, cli/
-# (pyproject's package-dir), so a folder of links stands in for the installed package. PYTHONSAFEPATH keeps the
-# repository root (which holds a bare momkd/) off sys.path.
-SHIM="$WORK/shim"
-mkdir -p "$SHIM/momkd"
-for f in momkd/*; do ln -s "$ROOT/$f" "$SHIM/momkd/"; done
-ln -s "$ROOT/export" "$SHIM/momkd/export"
-ln -s "$ROOT/runtime" "$SHIM/momkd/runtime"
-ln -s "$ROOT/cli" "$SHIM/momkd/cli"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# The package without installing it: the repository root on sys.path (momkd/ holds every stage).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 if [ "$CPU_SMOKE" = 1 ]; then
     DEV=cpu; export TRITON_INTERPRET=1

@@ -1,6 +1,6 @@
 """Memory head (eq. 6-8) of one slide: the fused Triton kernel vs the unfused torch reference, N = 10k, 100k, 200k.
 
-``unfused`` is ``momkd.models.head.head_reference`` (the torch ops the model runs everywhere but CUDA inference);
+``unfused`` is ``momkd.kernels.reference.head_reference`` (the torch ops the model runs everywhere but CUDA inference);
 ``fused`` is ``momkd.kernels.memory_head.fused_memory_head``. Embeddings are random (N, D) rows, the projection and
 the unit codes random, dims of the ``paper`` (D 256, D_N 128, n 16) and ``official`` (D 512, D_N 64, n 16) presets.
 
@@ -32,7 +32,7 @@ triton = pytest.importorskip("triton")
 import torch.nn.functional as F  # noqa: E402
 
 from momkd.kernels.memory_head import fused_memory_head  # noqa: E402
-from momkd.models.head import head_reference  # noqa: E402
+from momkd.kernels.reference import head_reference  # noqa: E402
 from momkd.runtime.bench import machine_info  # noqa: E402
 
 ENV = os.environ.get

@@ -4,18 +4,18 @@ external-cohort protocol). The mean of the fold probabilities is the model ``mom
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from momkd.metrics import case_and_slide_metrics
-from momkd.train.checkpoint import fold_dirs, load_checkpoint
+from momkd.train.checkpoint import load_checkpoint
 from momkd.train.data import SlideStore
 from momkd.train.fit import resolve_device
 from momkd.train.predict import predict_slides
 from momkd.train.run import TrainingData
+from momkd.train.runfolder import fold_dirs, mean_threshold, write_json
 
 
 def evaluate_run(run_dir: Path, data: TrainingData, out_dir: Path, device: str = "auto") -> dict[str, Any]:
@@ -42,10 +42,10 @@ def evaluate_run(run_dir: Path, data: TrainingData, out_dir: Path, device: str =
     for _, meta in folds:
         case, slide = case_and_slide_metrics(items, per_fold[meta["fold"]], meta["threshold"])
         metrics["folds"].append({"fold": meta["fold"], **case, "slide": slide})
-    threshold = float(np.mean([meta["threshold"] for _, meta in folds]))
+    threshold = mean_threshold([meta["threshold"] for _, meta in folds])
     case, slide = case_and_slide_metrics(items, mean_probs, threshold)
     metrics["mean_model"] = {**case, "slide": slide}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    write_json(out_dir / "metrics.json", metrics)
 
     with (out_dir / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)

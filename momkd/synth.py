@@ -9,10 +9,14 @@ The label (``her2_status``: Positive / Negative, about 40 % positive) is learnab
   none. On the default cohort a gated-attention MIL model reaches a 5-fold test AUC of about 0.8-0.9 and
   an oracle that knows the signal direction about 0.83-0.93 (seeds 0-2): learnable, not trivial.
 
+``kind="study"`` writes a harder cohort for learning studies (benchmarks/learning_study), with a molecular
+state behind the label, a small spatially clustered histology signal, per-slide stain shift and label noise,
+at three difficulties; its generative model is documented on :func:`make_synthetic_cohort`.
+
 The "biology" (signal directions, tissue prototypes, signal genes, gene baselines) depends only on
-``feature_dim`` and ``genes``, never on ``seed``: cohorts with different seeds are independent samples of the
-same task (a model trained on one can be evaluated on another). Everything is a pure function of the
-arguments.
+``feature_dim`` and ``genes`` (and the kind), never on ``seed``: cohorts with different seeds are independent
+samples of the same task (a model trained on one can be evaluated on another). Everything is a pure function
+of the arguments.
 """
 
 from __future__ import annotations
@@ -34,17 +38,45 @@ _BIOLOGY_SEED = 20260315
 _N_TISSUE_TYPES = 4
 _N_SIGNAL_GENES = 6
 _N_PROGRAMS = 3
+KINDS = ("default", "study")
+_STUDY_SIGNAL_GENES = 8
+_STUDY_POSITIVE_SHARE = 0.4
+_STAIN_OFFSET_SD = 0.5   # per-slide offset of every feature, per dimension, in patch-noise SDs
+_STAIN_LOG_SCALE_SD = 0.15   # per-slide log scale of the features
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """The knobs of the ``study`` cohort (see :func:`make_synthetic_cohort`)."""
+
+    strength: float  # amplitude of the region shift along its direction, in patch-noise SDs (x U(0.75, 1.25))
+    fraction: float  # share of every slide's patches inside its one or two regions
+    label_noise: float  # share of cases whose recorded label is the opposite of their molecular state
+
+
+DIFFICULTIES = {
+    "easy": Difficulty(strength=2.0, fraction=0.15, label_noise=0.05),
+    "medium": Difficulty(strength=1.5, fraction=0.12, label_noise=0.10),
+    "hard": Difficulty(strength=1.0, fraction=0.10, label_noise=0.15),
+}
 
 
 @dataclass(frozen=True)
 class SyntheticCohort:
-    """Where a synthetic cohort was written, and how to read its labels."""
+    """Where a synthetic cohort was written, and how to read its labels.
+
+    ``truth_csv`` and ``signal_masks`` exist for ``kind="study"`` only (None otherwise): per case the molecular
+    state, the state's class and whether the recorded label was flipped; per slide id the boolean mask (N,) of
+    the patches inside the signal regions (an ``.npz``).
+    """
 
     cohort_csv: Path
     features_dir: Path
     omics_path: Path
     label_col: str = LABEL_COL
     positive: str = POSITIVE
+    truth_csv: Path | None = None
+    signal_masks: Path | None = None
 
 
 def write_slide_h5(
@@ -88,24 +120,55 @@ def make_synthetic_cohort(
     seed: int = 0,
     slides_per_case: tuple[int, int] = (1, 2),
     patches: tuple[int, int] = (150, 600),
+    kind: str = "default",
+    difficulty: str = "medium",
 ) -> SyntheticCohort:
     """Write ``out_dir/cohort.csv``, ``out_dir/features/*.h5`` (TRIDENT) and ``out_dir/omics.csv``.
 
+    ``kind="default"`` is the cohort of the module docstring. ``kind="study"`` follows this generative model
+    (``difficulty`` picks ``DIFFICULTIES[difficulty]``: signal strength a, region fraction f, label noise e):
+
+    1. Each case has a molecular state s ~ N(0, 1). The round(0.4 x cases) cases with the highest s are
+       state-positive; the recorded label is the state's class except for round(e x cases) random cases,
+       whose label is flipped (assay error). ``truth.csv`` keeps s, the state class and the flip.
+    2. Omics: log-mean expression = gene baseline + per-case noise + random co-expression programs, plus
+       g_j x s for 8 fixed signal genes (g_j = +-U(0.5, 1.0)); counts ~ Poisson(exp(log-mean)). The genes
+       follow the continuous state, so they predict the recorded label up to the label noise.
+    3. Histology: a slide is an irregular tissue blob of N ~ U{patches} cells on the patch grid, split into
+       Voronoi territories of 4 tissue types (prototype vectors); every patch = its prototype + N(0, I_D)
+       noise. Every slide, whatever its class, holds exactly round(f x N) "region" patches in one or two
+       contiguous regions (each the cells nearest a random centre; ``signal_masks.npz``) shifted by
+       A ~ a x U(0.75, 1.25) along a fixed direction: the signal direction u for state-positive cases, an
+       orthogonal "benign" direction v for state-negative ones. The prototypes have little variation along u
+       and v, so only the direction of a small region tells the classes apart (not the presence of one).
+    4. Stain shift: all features of a slide are then scaled by exp(N(0, 0.15^2)) and offset by a per-slide
+       vector ~ N(0, 0.5^2 I_D), so the absolute level along u varies between slides by about as much as a
+       weak signal; a model has to compare patches within a slide.
+
     Args:
-        cases: number of cases (patients), about 40 % positive (at least one of each class).
+        cases: number of cases (patients), about 40 % positive (at least one of each class for ``default``).
         feature_dim: D of the patch features.
         genes: number of omics genes (raw non-negative counts).
         seed: sampling seed (cases, slides, patches, noise); the same seed gives the same files.
         slides_per_case: inclusive range of slides per case.
         patches: inclusive range of patches per slide.
+        kind: ``"default"`` or ``"study"``.
+        difficulty: ``"easy"``, ``"medium"`` or ``"hard"`` (``study`` only).
     """
-    if cases < 2 or feature_dim < 2 or genes < _N_SIGNAL_GENES + 2:
-        raise ValueError(f"need cases >= 2, feature_dim >= 2, genes >= {_N_SIGNAL_GENES + 2}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)} (got {kind!r})")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)} (got {difficulty!r})")
+    n_genes_min = (_N_SIGNAL_GENES if kind == "default" else _STUDY_SIGNAL_GENES) + 2
+    if cases < 2 or feature_dim < 2 or genes < n_genes_min:
+        raise ValueError(f"need cases >= 2, feature_dim >= 2, genes >= {n_genes_min}")
     if not 1 <= slides_per_case[0] <= slides_per_case[1] or not 1 <= patches[0] <= patches[1]:
         raise ValueError("slides_per_case and patches must be ranges (lo, hi) with 1 <= lo <= hi")
     out = Path(out_dir)
     features_dir = out / "features"
     features_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "study":
+        return _study_cohort(out, cases, feature_dim, genes, seed, slides_per_case, patches, DIFFICULTIES[difficulty])
     rng = np.random.default_rng(seed)
     histology = _Histology(feature_dim)
 
@@ -125,19 +188,112 @@ def make_synthetic_cohort(
             name = f"{slide_id}.svs" if len(rows) % 2 == 0 else slide_id
             rows.append([case, name, POSITIVE if label else NEGATIVE])
 
-    cohort_csv = out / "cohort.csv"
-    with cohort_csv.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case_id", "slide_id", LABEL_COL])
-        writer.writerows(rows)
-
-    omics_path = out / "omics.csv"
+    cohort_csv = _write_csv(out / "cohort.csv", ["case_id", "slide_id", LABEL_COL], rows)
     counts = _omics(rng, labels, genes)
-    with omics_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case_id"] + [f"GENE{j + 1:04d}" for j in range(genes)])
-        writer.writerows([case] + row for case, row in zip(case_ids, counts.tolist()))
+    omics_path = _write_omics(out / "omics.csv", case_ids, counts)
     return SyntheticCohort(cohort_csv=cohort_csv, features_dir=features_dir, omics_path=omics_path)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _write_omics(path: Path, case_ids: list[str], counts: np.ndarray) -> Path:
+    return _write_csv(path, ["case_id"] + [f"GENE{j + 1:04d}" for j in range(counts.shape[1])],
+                      [[case] + row for case, row in zip(case_ids, counts.tolist())])
+
+
+def _study_cohort(out: Path, cases: int, feature_dim: int, genes: int, seed: int, slides_per_case: tuple[int, int],
+                  patches: tuple[int, int], knobs: Difficulty) -> SyntheticCohort:
+    """``kind="study"`` (generative model on :func:`make_synthetic_cohort`)."""
+    rng = np.random.default_rng([seed, 1])
+    histology = _StudyHistology(feature_dim)
+    case_ids = [f"SYN-{i + 1:04d}" for i in range(cases)]
+    state = rng.standard_normal(cases)
+    n_pos = min(max(1, round(_STUDY_POSITIVE_SHARE * cases)), cases - 1)
+    state_label = np.zeros(cases, dtype=np.int64)
+    state_label[np.argsort(-state, kind="stable")[:n_pos]] = 1
+    flipped = np.zeros(cases, dtype=bool)
+    flipped[rng.permutation(cases)[: round(knobs.label_noise * cases)]] = True
+    labels = np.where(flipped, 1 - state_label, state_label)
+
+    rows, masks = [], {}
+    for case, label, positive_state in zip(case_ids, labels, state_label):
+        for j in range(int(rng.integers(slides_per_case[0], slides_per_case[1] + 1))):
+            slide_id = f"{case}-DX{j + 1}"
+            n = int(rng.integers(patches[0], patches[1] + 1))
+            features, coords, masks[slide_id] = histology.slide(rng, n, int(positive_state), knobs)
+            write_slide_h5(out / "features" / f"{slide_id}.h5", features, coords)
+            rows.append([case, slide_id, POSITIVE if label else NEGATIVE])
+
+    cohort_csv = _write_csv(out / "cohort.csv", ["case_id", "slide_id", LABEL_COL], rows)
+    omics_path = _write_omics(out / "omics.csv", case_ids, _study_omics(rng, state, genes))
+    truth_csv = _write_csv(out / "truth.csv", ["case_id", "molecular_state", "state_label", "label_flipped"],
+                           [[c, f"{s:.6f}", int(y), int(f)] for c, s, y, f in zip(case_ids, state, state_label, flipped)])
+    signal_masks = out / "signal_masks.npz"
+    np.savez_compressed(signal_masks, **masks)
+    return SyntheticCohort(cohort_csv=cohort_csv, features_dir=out / "features", omics_path=omics_path,
+                           truth_csv=truth_csv, signal_masks=signal_masks)
+
+
+class _StudyHistology:
+    """The ``study`` cohort's fixed tissue prototypes and its signal (u) and benign (v) directions."""
+
+    def __init__(self, feature_dim: int) -> None:
+        biology = np.random.default_rng([_BIOLOGY_SEED, feature_dim, 1])
+        q, _ = np.linalg.qr(biology.standard_normal((feature_dim, 2)))
+        self.directions = q.T  # (2, D) orthonormal: u (state-positive regions), v (state-negative regions)
+        prototypes = biology.standard_normal((_N_TISSUE_TYPES, feature_dim))
+        self.prototypes = prototypes - 0.8 * prototypes @ self.directions.T @ self.directions
+        self.dim = feature_dim
+
+    def slide(self, rng: np.random.Generator, n: int, positive_state: int,
+              knobs: Difficulty) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features (n, D) float32, coords (n, 2) int64, region mask (n,) bool) of one slide."""
+        grid = _blob(rng, n)
+        seeds = grid[rng.choice(n, size=min(3, n), replace=False)]
+        tissue = rng.integers(0, _N_TISSUE_TYPES, size=len(seeds))
+        nearest = np.argmin(((grid[:, None, :] - seeds[None]) ** 2).sum(-1), axis=1)
+        features = self.prototypes[tissue[nearest]] + rng.standard_normal((n, self.dim))
+        size = round(knobs.fraction * n)
+        mask = _regions(rng, grid, size, 2 if size >= 2 and rng.random() < 0.5 else 1)
+        amplitude = knobs.strength * rng.uniform(0.75, 1.25)
+        features[mask] += amplitude * self.directions[0 if positive_state else 1]
+        scale = np.exp(_STAIN_LOG_SCALE_SD * rng.standard_normal())
+        features = scale * features + _STAIN_OFFSET_SD * rng.standard_normal(self.dim)
+        coords = (grid + rng.integers(20, 60, size=2)) * PATCH_SIZE
+        return features.astype(np.float32), coords.astype(np.int64), mask
+
+
+def _regions(rng: np.random.Generator, grid: np.ndarray, size: int, count: int) -> np.ndarray:
+    """(n,) bool mask of ``size`` cells in ``count`` regions, each the free cells nearest a random free centre."""
+    mask = np.zeros(len(grid), dtype=bool)
+    for part in np.array_split(np.arange(size), count):
+        free = np.flatnonzero(~mask)
+        centre = grid[free[rng.integers(len(free))]]
+        d2 = ((grid - centre) ** 2).sum(1).astype(np.float64)
+        d2[mask] = np.inf
+        mask[np.argsort(d2, kind="stable")[: len(part)]] = True
+    return mask
+
+
+def _study_omics(rng: np.random.Generator, state: np.ndarray, genes: int) -> np.ndarray:
+    """(cases, genes) int64 counts: baselines and programs as ``_omics``, signal genes following the state."""
+    biology = np.random.default_rng([_BIOLOGY_SEED + 1, genes, 1])
+    baseline = biology.normal(3.5, 1.2, size=genes)
+    spread = biology.uniform(0.2, 0.6, size=genes)
+    loadings = biology.normal(0.0, 0.5, size=(_N_PROGRAMS, genes)) * (biology.random((_N_PROGRAMS, genes)) < 0.3)
+    signal_genes = biology.choice(genes, size=_STUDY_SIGNAL_GENES, replace=False)
+    gain = biology.uniform(0.5, 1.0, size=_STUDY_SIGNAL_GENES) * biology.choice([-1.0, 1.0], size=_STUDY_SIGNAL_GENES)
+
+    n = len(state)
+    log_mean = baseline + spread * rng.standard_normal((n, genes)) + rng.standard_normal((n, _N_PROGRAMS)) @ loadings
+    log_mean[:, signal_genes] += state[:, None] * gain
+    return rng.poisson(np.exp(log_mean)).astype(np.int64)
 
 
 def _phenotype(rng: np.random.Generator, label: int) -> tuple[int, float] | None:

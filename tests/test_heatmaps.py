@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 pytest.importorskip("matplotlib")
 
 from momkd.cli.main import app  # noqa: E402
-from momkd.runtime import heatmap, wsi  # noqa: E402
+from momkd.data import wsi  # noqa: E402
+from momkd.runtime import heatmap  # noqa: E402
 from momkd.runtime.heatmap_writer import HeatmapOptions  # noqa: E402
 from momkd.runtime.pipeline import run_inference  # noqa: E402
 from momkd.synth import grid_coords  # noqa: E402

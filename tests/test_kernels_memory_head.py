@@ -32,7 +32,7 @@ from momkd.graph import neighbor_table  # noqa: E402
 from momkd.kernels import memory_head as kernel  # noqa: E402
 from momkd.kernels import ops  # noqa: E402
 from momkd.models import build_model  # noqa: E402
-from momkd.models.head import head_reference  # noqa: E402
+from momkd.kernels.reference import head_reference  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 

@@ -19,7 +19,8 @@ from momkd.losses import MoMKDLoss  # noqa: E402
 from momkd.models import build_model  # noqa: E402
 from momkd.models.abmil import ABMIL  # noqa: E402
 from momkd.models.encoder import GraphEncoder  # noqa: E402
-from momkd.models.head import MemoryAttentionHead, segment_softmax_pool  # noqa: E402
+from momkd.kernels.reference import segment_softmax_pool  # noqa: E402
+from momkd.models.head import MemoryAttentionHead  # noqa: E402
 from momkd.models.memory import ClassMemory, MemoryUsage, spherical_kmeans  # noqa: E402
 from momkd.models.momkd import MoMKD, TrainOutput, WSIOutput  # noqa: E402
 

@@ -21,8 +21,8 @@ pytest.importorskip("torch_geometric")
 from momkd.cli.main import app  # noqa: E402
 from momkd.data.cohort import case_level  # noqa: E402
 from momkd.metrics import roc_auc  # noqa: E402
-from momkd.report.runfolder import load_run  # noqa: E402
-from momkd.report.tables import summary_markdown  # noqa: E402
+from momkd.train.runfolder import load_run  # noqa: E402
+from momkd.tables import summary_markdown  # noqa: E402
 
 runner = CliRunner()
 N_CODES, TOP_K, FOLDS = 2, 2, 2

@@ -1,6 +1,6 @@
 """Fused memory head (eq. 6-8) for packed slides: one Triton pass over the encoder rows.
 
-What it computes is exactly ``momkd.models.head.head_reference`` (the torch reference), minus the (N, D_N)
+What it computes is exactly ``momkd.kernels.reference.head_reference`` (the torch reference), minus the (N, D_N)
 projections it does not return::
 
     p_i     = W e_i + b                                   (D_N,)    patch projection

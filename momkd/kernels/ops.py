@@ -1,6 +1,6 @@
 """The ``momkd::memory_head`` operator: one name, two implementations, chosen by PyTorch's dispatcher.
 
-* default (CPU and any device without a kernel): ``momkd.models.head.head_reference``, the torch reference;
+* default (CPU and any device without a kernel): ``momkd.kernels.reference.head_reference``, the torch reference;
 * CUDA: the fused Triton kernel (``momkd.kernels.memory_head.fused_memory_head``), unless Triton is missing or
   ``MOMKD_FUSED_HEAD=0`` is set, in which case the reference runs there too.
 
@@ -67,7 +67,7 @@ def tau_tensor(tau: float | Tensor, like: Tensor) -> Tensor:
 
 def _reference(embeddings: Tensor, weight: Tensor, bias: Tensor, codes_pos: Tensor, codes_neg: Tensor,
                slide_offsets: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    from momkd.models.head import head_reference
+    from momkd.kernels.reference import head_reference
 
     out = head_reference(embeddings, weight, bias, codes_pos, codes_neg, slide_offsets, tau)
     dtype = embeddings.dtype

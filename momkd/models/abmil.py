@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from momkd.models.head import segment_softmax_pool
+from momkd.kernels.reference import segment_softmax_pool
 from momkd.models.momkd import N_CLASSES, TrainOutput, WSIOutput, single_slide_offsets
 
 

@@ -1,88 +1,19 @@
-"""Memory-guided attention (eq. 6-8) and per-slide softmax pooling over packed slides.
+"""Memory-guided attention (eq. 6-8) as a module: patch projection, memory scores, per-slide softmax pooling.
 
-Packed layout: the rows of slide ``b`` are ``slide_offsets[b]:slide_offsets[b+1]``, with ``slide_offsets[0] = 0``
-and ``slide_offsets[-1] = N``. The per-slide softmax and weighted sum use a ``(B, N)`` membership mask built
-with ``arange``/compare and matmuls: no scatter, ``index_add``, ``nonzero`` or Python loops, so the same code
-exports to ONNX/TensorRT with dynamic ``N`` and ``B``.
-
-:func:`head_reference` is THE implementation of the head. For inference on CUDA (no autograd, nothing exported)
-:class:`MemoryAttentionHead` calls the ``momkd::memory_head`` operator instead (:mod:`momkd.kernels.ops`), whose
-CUDA implementation is a fused Triton kernel and whose implementation elsewhere is :func:`head_reference`.
+The math is :mod:`momkd.kernels.reference` (packed-slide layout, no scatter ops, exportable); for inference on
+CUDA (no autograd, nothing exported) :class:`MemoryAttentionHead` calls the ``momkd::memory_head`` operator
+instead (:mod:`momkd.kernels.ops`), whose CUDA implementation is a fused Triton kernel.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from momkd.kernels import ops
-
-
-def membership(slide_offsets: Tensor, n: int | Tensor, device: torch.device | None = None) -> Tensor:
-    """(B, N) bool: ``member[b, i]`` is True when row ``i`` belongs to slide ``b``."""
-    rows = torch.arange(n, device=device if device is not None else slide_offsets.device)
-    offsets = slide_offsets.to(rows.device).long()
-    return (rows.unsqueeze(0) >= offsets[:-1].unsqueeze(1)) & (rows.unsqueeze(0) < offsets[1:].unsqueeze(1))
-
-
-def segment_softmax_pool(score: Tensor, values: Tensor, slide_offsets: Tensor, tau: float | Tensor = 1.0,
-                         ) -> tuple[Tensor, Tensor]:
-    """Per-slide ``softmax(score / tau)`` and attention-weighted sum of ``values``.
-
-    Args:
-        score: (N,) patch scores.
-        values: (N, D) patch embeddings.
-        slide_offsets: (B+1,) int64 row offsets (first 0, last N).
-        tau: temperature (float or 0-dim tensor).
-
-    Returns:
-        attention (N,) summing to 1 within each slide, pooled (B, D). An empty slide pools to zeros.
-    """
-    memberf = membership(slide_offsets, score.shape[0], score.device).to(score.dtype)
-    z = score / tau
-    # Per-slide max for a numerically safe softmax (a constant shift per slide: detached, exact). Rows of other
-    # slides are pushed to -finfo.max by arithmetic (no where/masked_fill: slow on CPU); an empty slide's max is
-    # then -finfo.max, finite, and multiplies only zeros below.
-    lowest = torch.finfo(score.dtype).max
-    slide_max = (z.detach().unsqueeze(0) * memberf + (memberf - 1.0) * lowest).amax(dim=1)
-    ex = torch.exp(z - slide_max @ memberf)  # each row sits in exactly one slide
-    denom = memberf @ ex  # (B,)
-    attention = ex / (denom @ memberf)
-    pooled = (memberf * attention.unsqueeze(0)) @ values
-    return attention, pooled
-
-
-def memory_scores(patch_proj: Tensor, codes_pos: Tensor, codes_neg: Tensor) -> Tensor:
-    """Eq. 6: ``max_j F_P,i . c+_j - max_j F_P,i . c-_j`` (N,), one matmul against both banks."""
-    n_pos = codes_pos.shape[0]
-    sims = patch_proj @ torch.cat([codes_pos, codes_neg], dim=0).t()
-    return sims[:, :n_pos].amax(dim=1) - sims[:, n_pos:].amax(dim=1)
-
-
-class HeadOutput(NamedTuple):
-    patch_proj: Tensor | None  # (N, D_N) unit rows, F_P-wsi (None from the fused operator, which never forms it)
-    score: Tensor  # (N,) eq. 6
-    attention: Tensor  # (N,) eq. 7
-    pooled: Tensor  # (B, D) eq. 8, F_C-wsi
-
-
-def project_rows(embeddings: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F_P-wsi = normalize(W_proj F_wsi): (N, D) rows, (D_N, D) weight, (D_N,) bias -> (N, D_N) unit rows."""
-    return F.normalize(F.linear(embeddings, weight, bias), dim=-1)
-
-
-def head_reference(embeddings: Tensor, weight: Tensor, bias: Tensor | None, codes_pos: Tensor, codes_neg: Tensor,
-                   slide_offsets: Tensor, tau: float | Tensor) -> HeadOutput:
-    """The head in torch ops (eq. 6-8): embeddings (N, D), projection (D_N, D) + (D_N,), unit codes (n, D_N)
-    each, offsets (B+1,), temperature -> HeadOutput (patch_proj (N, D_N), score, attention (N,), pooled (B, D))."""
-    patch_proj = project_rows(embeddings, weight, bias)
-    score = memory_scores(patch_proj, codes_pos, codes_neg)
-    attention, pooled = segment_softmax_pool(score, embeddings, slide_offsets, tau)
-    return HeadOutput(patch_proj, score, attention, pooled)
+from momkd.kernels.reference import HeadOutput, head_reference, project_rows
 
 
 class MemoryAttentionHead(nn.Module):

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 import momkd
 from momkd.errors import MomkdError
 
+from momkd.tables import LEGEND, Table, compare_table, cv_table, cv_table_csv
+
 from . import figures
-from .document import Block, Figure, Heading, Paragraph, Table, to_html, to_markdown
-from .runfolder import RunRecord, load_run
-from .tables import LEGEND, compare_table, cv_table, cv_table_csv
+from .document import Block, Figure, Heading, Paragraph, to_html, to_markdown
+from momkd.train.runfolder import RunRecord, load_run
 
 if TYPE_CHECKING:
     from .memory_codes import CodeHit

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from momkd.tables import Table, table_markdown
+
 
 @dataclass(frozen=True)
 class Heading:
@@ -23,15 +25,6 @@ class Paragraph:
 
 
 @dataclass(frozen=True)
-class Table:
-    """Header cells, body rows and an optional footer row (drawn bold: e.g. the mean ± std)."""
-
-    header: tuple[str, ...]
-    rows: list[tuple[str, ...]]
-    footer: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
 class Figure:
     """A PNG under the report folder (``path`` relative to it) with its caption."""
 
@@ -40,20 +33,6 @@ class Figure:
 
 
 Block = Heading | Paragraph | Table | Figure
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def table_markdown(table: Table) -> str:
-    """A GitHub-flavoured Markdown table; the footer's non-empty cells in bold."""
-    lines = ["| " + " | ".join(_md_cell(c) for c in table.header) + " |",
-             "|" + "---|" * len(table.header)]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
-    if table.footer is not None:
-        lines.append("| " + " | ".join(f"**{_md_cell(c)}**" if c else "" for c in table.footer) + " |")
-    return "\n".join(lines)
 
 
 def to_markdown(blocks: Sequence[Block]) -> str:

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from momkd.data.cohort import case_level
 from momkd.metrics import roc_auc, roc_curve
 
-from .runfolder import RunRecord
+from momkd.train.runfolder import RunRecord
 
 DPI = 110
 LOSS_TERMS = ("total", "ce", "mse", "align_wsi", "align_omics", "mem")

@@ -23,7 +23,7 @@ from momkd.train.data import SlideStore
 from momkd.train.fit import resolve_device
 from momkd.train.predict import slide_tensors
 
-from .runfolder import FoldRecord, RunRecord
+from momkd.train.runfolder import FoldRecord, RunRecord
 
 
 @dataclass(frozen=True)

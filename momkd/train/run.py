@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +20,14 @@ from momkd.errors import RunFolderError
 from momkd.losses import MoMKDLoss
 from momkd.metrics import best_threshold, case_and_slide_metrics, mean_std
 from momkd.models import build_model
-from momkd.report.tables import summary_markdown
+from momkd.tables import summary_markdown
 from momkd.train.checkpoint import save_checkpoint
 from momkd.train.config import TrainConfig
 from momkd.train.data import SlideStore
 from momkd.train.fit import FoldTrainer, resolve_device
 from momkd.train.predict import predict_slides
+from momkd.train.runfolder import (CONFIG, HISTORY, METRICS, SPLITS, SUMMARY, SUMMARY_MD, TEST_PREDICTIONS, fold_dir,
+                                   write_json, write_rows, write_text)
 
 
 @dataclass
@@ -81,7 +81,7 @@ def train_run(
     over folds, ``mean_slide`` / ``std_slide`` summarise ``test_slide`` (keys ``SUMMARY_KEYS``).
     """
     console = console or Console(stderr=True)
-    if (out_dir / "summary.json").exists():
+    if (out_dir / SUMMARY).exists():
         raise RunFolderError(f"{out_dir}: already holds a finished run; choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     uses_omics = model_cfg.model == "momkd"
@@ -91,8 +91,8 @@ def train_run(
     cases = list(data.cohort.cases)
     labels = [data.cohort.labels[c] for c in cases]
     splits = load_splits(splits_dir) if splits_dir else make_splits(cases, labels, folds=train_cfg.folds, seed=train_cfg.seed)
-    save_splits(splits, out_dir / "splits", data.cohort.labels)
-    _write_json(out_dir / "config.json", {
+    save_splits(splits, out_dir / SPLITS, data.cohort.labels)
+    write_json(out_dir / CONFIG, {
         "momkd_version": momkd.__version__,
         "preset": preset,
         "data": data.sources,
@@ -116,15 +116,15 @@ def train_run(
         for fold in fold_ids:
             split = splits[fold]
             train_items, val_items, test_items = data.items(split.train), data.items(split.val), data.items(split.test)
-            fold_dir = out_dir / f"fold_{fold}"
-            fold_dir.mkdir(exist_ok=True)
+            fold_path = fold_dir(out_dir, fold)
+            fold_path.mkdir(exist_ok=True)
             omics_by_case: dict[str, np.ndarray] = {}
             omics_dim = 0
             if uses_omics:
                 transform = OmicsTransform(log2=omics_opts.log2, n_genes=omics_opts.n_genes, genes=omics_opts.genes,
                                            raw=omics_opts.raw)
                 transform.fit(data.omics, list(split.train))
-                transform.save(fold_dir / "omics_transform.json")
+                transform.save(fold_path / "omics_transform.json")
                 vectors = transform.transform(data.omics, list(split.train))
                 omics_by_case = dict(zip(split.train, vectors))
                 omics_dim = vectors.shape[1]
@@ -156,7 +156,7 @@ def train_run(
                 "test_slide": test_slide,
             }
             fold_records.append(record)
-            save_checkpoint(fold_dir, fit.best_state, {
+            save_checkpoint(fold_path, fit.best_state, {
                 "momkd_version": momkd.__version__,
                 "fold": fold,
                 "preset": preset,
@@ -167,9 +167,9 @@ def train_run(
                 "encoder": data.encoder,
                 "threshold": threshold,
             })
-            _write_json(fold_dir / "metrics.json", record)
-            _write_rows(fold_dir / "history.csv", fit.history)
-            _write_rows(fold_dir / "test_predictions.csv", [
+            write_json(fold_path / METRICS, record)
+            write_rows(fold_path / HISTORY, fit.history)
+            write_rows(fold_path / TEST_PREDICTIONS, [
                 {"slide_id": it.slide_id, "case_id": it.case_id, "label": it.label, "probability": p}
                 for it, p in zip(test_items, test_probs)
             ])
@@ -183,20 +183,6 @@ def train_run(
     mean_slide, std_slide = mean_std([r["test_slide"] for r in fold_records])
     summary = {"model": model_cfg.model, "preset": preset, "folds": fold_records, "mean": mean, "std": std,
                "mean_slide": mean_slide, "std_slide": std_slide}
-    _write_json(out_dir / "summary.json", summary)
-    (out_dir / "summary.md").write_text(summary_markdown(summary))
+    write_text(out_dir / SUMMARY_MD, summary_markdown(summary))
+    write_json(out_dir / SUMMARY, summary)   # last: its presence marks the run finished
     return summary
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=float))
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    fieldnames: list[str] = []
-    for row in rows:
-        fieldnames += [k for k in row if k not in fieldnames]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)

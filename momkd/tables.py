@@ -13,11 +13,35 @@ import csv
 import io
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from momkd.metrics import SUMMARY_KEYS
 
-from .document import Table, table_markdown
+
+@dataclass(frozen=True)
+class Table:
+    """Header cells, body rows and an optional footer row (drawn bold: e.g. the mean ± std)."""
+
+    header: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    footer: tuple[str, ...] | None = None
+
+
+def md_cell(text: str) -> str:
+    """A Markdown table cell (``|`` escaped)."""
+    return text.replace("|", "\\|")
+
+
+def table_markdown(table: Table) -> str:
+    """A GitHub-flavoured Markdown table; the footer's non-empty cells in bold."""
+    lines = ["| " + " | ".join(md_cell(c) for c in table.header) + " |",
+             "|" + "---|" * len(table.header)]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in table.rows]
+    if table.footer is not None:
+        lines.append("| " + " | ".join(f"**{md_cell(c)}**" if c else "" for c in table.footer) + " |")
+    return "\n".join(lines)
+
 
 METRIC_KEYS = ("auc", "acc", "f1")  # the per-case test metrics every summary.json holds (the report requires them)
 METRIC_NAMES = {"auc": "AUC", "acc": "ACC", "f1": "F1", "f1_macro": "macro F1"}

@@ -1,13 +1,28 @@
-"""Read what ``momkd train`` wrote into a run folder (no PyTorch): ``summary.json``, ``config.json`` and, per
-fold, ``history.csv`` and ``test_predictions.csv``. A file that is missing or malformed is one ``RunFolderError``
-line naming the file; per-fold files that are absent are ``None`` (the report says which sections it skips).
+"""The run folder ``momkd train`` writes and everything else reads (no PyTorch): the one place that knows its
+layout::
+
+    RUN/config.json              the run's data sources, configs and omics options
+    RUN/splits/fold_K.csv        case_id, split, label
+    RUN/summary.json             written last: the run is finished; its ``folds`` are the run's folds
+    RUN/summary.md               the CV table
+    RUN/fold_K/model.safetensors, model.json     the fold's checkpoint (``momkd.train.checkpoint``)
+    RUN/fold_K/metrics.json, history.csv, test_predictions.csv, omics_transform.json
+
+Every file is written atomically (a temporary file in the same folder, then ``os.replace``). Reading: a file that
+is missing or malformed is one ``RunFolderError`` line naming the file; per-fold files that are absent are
+``None`` (the report says which sections it skips). The folds of a run are exactly those of ``summary.json``
+(:func:`fold_dirs`): a fold folder left by a killed run is never part of an export or an evaluation.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
-from collections.abc import Mapping
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +32,107 @@ import numpy as np
 from momkd.data.cohort import SlideLabel, read_table
 from momkd.errors import RunFolderError
 
-from .tables import METRIC_KEYS
+from momkd.tables import METRIC_KEYS
 
 SUMMARY = "summary.json"
+SUMMARY_MD = "summary.md"
 CONFIG = "config.json"
+SPLITS = "splits"
 HISTORY = "history.csv"
+METRICS = "metrics.json"
 TEST_PREDICTIONS = "test_predictions.csv"
 TEST_COLUMNS = ("slide_id", "case_id", "label", "probability")
+WEIGHTS = "model.safetensors"
+META = "model.json"
+
+
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    """``RUN/fold_K``."""
+    return Path(run_dir) / f"fold_{int(fold)}"
+
+
+# --------------------------------------------------------------------------- writing
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON (numpy scalars as floats), atomically."""
+    write_text(path, json.dumps(data, indent=2, default=float))
+
+
+def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Rows as CSV with the union of their keys as header (first-seen order), atomically."""
+    fieldnames: list[str] = []
+    for row in rows:
+        fieldnames += [k for k in row if k not in fieldnames]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- the run's folds
+def mean_threshold(thresholds: Sequence[float]) -> float:
+    """The decision threshold of the mean-of-folds model: the mean of the fold thresholds."""
+    if not thresholds:
+        raise ValueError("no fold thresholds")
+    return float(sum(float(t) for t in thresholds) / len(thresholds))
+
+
+def run_folds(run_dir: Path) -> list[int]:
+    """The folds of a finished run, as ``summary.json`` lists them (``RunFolderError`` when unfinished)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RunFolderError(f"{run}: run folder does not exist")
+    if not (run / CONFIG).is_file():
+        raise RunFolderError(f"{run}: not a momkd run folder (no {CONFIG})")
+    if not (run / SUMMARY).is_file():
+        raise RunFolderError(f"{run}: unfinished run (no {SUMMARY}): let `momkd train` finish, or train again")
+    summary = read_run_json(run / SUMMARY)
+    try:
+        return [int(r["fold"]) for r in summary["folds"]]
+    except (KeyError, TypeError, ValueError):
+        raise RunFolderError(f"{run / SUMMARY}: 'folds' is not a list of fold records") from None
+
+
+def fold_dirs(run_dir: Path, fold: int | None = None) -> list[Path]:
+    """The checkpoint folders of the run's folds (those of ``summary.json``), by fold; only ``fold`` when given."""
+    run = Path(run_dir)
+    folds = run_folds(run)
+    if fold is not None:
+        if fold not in folds:
+            raise RunFolderError(f"{run}: has no trained fold {fold} (its folds: {', '.join(map(str, folds))})")
+        folds = [fold]
+    dirs = [fold_dir(run, k) for k in sorted(folds)]
+    for d in dirs:
+        if not (d / WEIGHTS).is_file():
+            raise RunFolderError(f"{d / WEIGHTS}: missing checkpoint of a fold {SUMMARY} reports")
+    return dirs
+
+
+def read_fold_meta(fold_path: Path) -> dict[str, Any]:
+    """A fold's ``model.json`` (what rebuilds its model, its threshold, class names, encoder)."""
+    return read_run_json(Path(fold_path) / META)
 
 
 @dataclass(frozen=True)

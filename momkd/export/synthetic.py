@@ -14,7 +14,6 @@ Command line (used by ``benchmarks/gpu_session.sh``)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -29,9 +28,11 @@ def random_run(run_dir: str | Path, preset_name: str = "paper", in_dim: int = 15
     with ``dims`` overriding fields, e.g. ``{"dim": 8}``); returns its path. No cohort data is referenced."""
     import torch
 
+    import momkd
     from momkd.config import preset
     from momkd.models import build_model
     from momkd.train.checkpoint import save_checkpoint
+    from momkd.train.runfolder import CONFIG, SUMMARY, fold_dir, write_json
 
     if folds < 1:
         raise MomkdError(f"folds must be >= 1 (got {folds})")
@@ -44,15 +45,15 @@ def random_run(run_dir: str | Path, preset_name: str = "paper", in_dim: int = 15
         model = build_model(cfg, in_dim, 0)
         record = {"fold": k, "threshold": 0.5, "val": {}, "test": {}}
         records.append(record)
-        save_checkpoint(run / f"fold_{k}", model.state_dict(), {
-            "momkd_version": "0.1.0", "fold": k, "preset": preset_name, "model_config": cfg.to_dict(),
+        save_checkpoint(fold_dir(run, k), model.state_dict(), {
+            "momkd_version": momkd.__version__, "fold": k, "preset": preset_name, "model_config": cfg.to_dict(),
             "in_dim": in_dim, "omics_dim": 0, "class_names": ["negative", "positive"], "encoder": "random",
             "threshold": 0.5})
-    (run / "config.json").write_text(json.dumps({
-        "preset": preset_name, "class_names": ["negative", "positive"], "feature_dim": in_dim, "encoder": "random",
-        "model": cfg.to_dict(), "note": "random weights (momkd.export.synthetic): for benchmarks only"}))
-    (run / "summary.json").write_text(json.dumps({"model": cfg.model, "preset": preset_name, "folds": records,
-                                                  "mean": {}, "std": {}}))
+    write_json(run / CONFIG, {
+        "momkd_version": momkd.__version__, "preset": preset_name, "class_names": ["negative", "positive"],
+        "feature_dim": in_dim, "encoder": "random", "model": cfg.to_dict(),
+        "note": "random weights (momkd.export.synthetic): for benchmarks only"})
+    write_json(run / SUMMARY, {"model": cfg.model, "preset": preset_name, "folds": records, "mean": {}, "std": {}})
     return run
 
 

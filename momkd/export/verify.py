@@ -81,13 +81,15 @@ def candidate_slides(run_dir: Path, config: dict[str, Any], folds: Sequence[int]
             for row in _read_rows(cohort_csv):
                 if row.get("case_id") and row.get("slide_id"):
                     slides_by_case.setdefault(row["case_id"], []).append(row["slide_id"])
+            from momkd.data.cohort import load_splits
+            from momkd.train.runfolder import SPLITS
+
+            splits = {s.fold: s for s in load_splits(run_dir / SPLITS)}
             for fold in folds:
-                split_csv = run_dir / "splits" / f"fold_{fold}.csv"
-                if not split_csv.is_file():
-                    notes.append(f"{split_csv} is missing")
+                if fold not in splits:
+                    notes.append(f"{run_dir / SPLITS} has no fold {fold}")
                     continue
-                test_cases = sorted(r["case_id"] for r in _read_rows(split_csv) if r.get("split") == "test")
-                for case in test_cases:
+                for case in sorted(splits[fold].test):
                     for slide_id in slides_by_case.get(case, []):
                         path = _slide_path(features_dir, slide_id)
                         if path is not None and all(s != path.stem for s, _, _ in found):

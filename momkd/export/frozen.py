@@ -134,7 +134,9 @@ class LoadedRun:
     @property
     def threshold(self) -> float:
         """The mean of the fold thresholds (what ``momkd evaluate`` uses for the fold-mean model)."""
-        return float(sum(float(m["threshold"]) for m in self.metas) / len(self.metas))
+        from momkd.train.runfolder import mean_threshold
+
+        return mean_threshold([m["threshold"] for m in self.metas])
 
     @property
     def class_names(self) -> list[str]:
@@ -178,22 +180,16 @@ def load_run(run_dir: str | Path, fold: int | str | None = "all") -> LoadedRun:
 
     Raises ``RunFolderError`` (one line) for a missing or unfinished run folder or inconsistent folds.
     """
-    from momkd.report.runfolder import read_run_json
-    from momkd.train.checkpoint import fold_dirs, load_checkpoint
+    from momkd.train.checkpoint import load_checkpoint
+    from momkd.train.runfolder import CONFIG, SUMMARY, fold_dirs, read_run_json
 
     run = Path(run_dir)
-    if not run.exists():
-        raise RunFolderError(f"{run}: run folder does not exist")
-    if not run.is_dir():
+    if run.exists() and not run.is_dir():
         raise RunFolderError(f"{run}: not a directory (expected a `momkd train` run folder)")
-    if not (run / "config.json").is_file():
-        raise RunFolderError(f"{run}: not a momkd run folder (no config.json)")
-    if not (run / "summary.json").is_file():
-        raise RunFolderError(f"{run}: unfinished run (no summary.json): let `momkd train` finish, or train again")
-    config = read_run_json(run / "config.json")
-    summary = read_run_json(run / "summary.json")
     which = None if fold in (None, "all") else int(fold)
-    dirs = fold_dirs(run, which)
+    dirs = fold_dirs(run, which)   # the folds of summary.json: exactly those whose metrics the manifest reports
+    config = read_run_json(run / CONFIG)
+    summary = read_run_json(run / SUMMARY)
     models, metas, folds = [], [], []
     for d in dirs:
         try:
