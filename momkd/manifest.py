@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from momkd.atomic import write_text
 from momkd.errors import ModelFolderError
 from momkd.graph import DIRECTIONS as GRAPH_DIRECTIONS
 
@@ -286,14 +285,5 @@ def write_manifest(model_dir: str | Path, manifest: dict[str, Any]) -> Path:
     text = json.dumps(out, indent=2, sort_keys=False) + "\n"
     _parse(root / MANIFEST_NAME, root.resolve(), json.loads(text), "")
     root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / MANIFEST_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(root / MANIFEST_NAME, text)
     return root / MANIFEST_NAME

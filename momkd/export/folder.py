@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from momkd.atomic import current_umask
 from momkd.errors import MomkdError, RunFolderError
 from momkd.graph import sklearn_version
 
@@ -62,16 +63,10 @@ def _cv_metrics(run: Any) -> dict[str, Any]:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _publishable(folder: Path) -> None:
     """Ordinary permissions (0755 folder, 0644 files under the usual umask): the temporary folder and the atomic
     manifest write start private, but a model folder is meant to be read by the service that runs it."""
-    mask = _umask()
+    mask = current_umask()
     os.chmod(folder, 0o777 & ~mask)
     for path in folder.iterdir():
         if path.is_file():
@@ -106,11 +101,8 @@ def export_run(
     ``TensorRTUnavailableError`` after the ONNX folder has been written. Raises ``RunFolderError`` for a
     missing/unfinished run, ``ExportError``/``ExportVerificationError`` when the graph breaks its contract.
     """
-    import torch
-
-    from momkd.export.frozen import load_run, mixed_fp16
-    from momkd.export.onnx import check_graph, check_opset, export_onnx, trace_torchscript
-    from momkd.export.verify import load_verification_slides, verify_export
+    from momkd.export.frozen import load_run
+    from momkd.export.onnx import check_opset
     from momkd.manifest import load_manifest, write_manifest
 
     say = log or (lambda msg: None)
@@ -122,70 +114,15 @@ def export_run(
     _prepare_out(out_dir, overwrite)
     t0 = time.perf_counter()
     run = load_run(run_dir, "all" if which is None else which)
-    ensemble = run.ensemble()              # as trained: the reference
-    graph_ensemble = run.export_ensemble()  # dense GATv2 (the same module unless the run used PyG's layer)
     say(f"loaded {len(run.models)} fold model(s) {run.folds} from {run_dir} "
         f"({run.model_config.get('model', 'momkd')}, {run.preset} preset, k={run.k}, {run.graph_direction} graph)")
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
-        with torch.no_grad():
-            graph_module = graph_ensemble
-            if fp16:
-                graph_module = mixed_fp16(graph_ensemble)
-            t1 = time.perf_counter()
-            io = export_onnx(graph_module, work / ONNX_NAME, run.feature_dim, run.k, opset=opset)
-            graph_report = check_graph(work / ONNX_NAME, run.feature_dim)
-            say(f"exported {ONNX_NAME} (opset {graph_report['opset']}, {sum(graph_report['ops'].values())} nodes, "
-                f"{graph_report['bytes'] / 1e6:.1f} MB{', fp16 matmuls' if fp16 else ''}, "
-                f"{time.perf_counter() - t1:.1f} s)")
-            trace_torchscript(graph_ensemble, work / TORCH_NAME, run.feature_dim, run.k)
-            t1 = time.perf_counter()
-
-            slides, source, notes = load_verification_slides(
-                run_dir, run.config, run.folds, run.feature_dim, run.k, run.graph_direction,
-                max_slides=max_slides, max_rows=max_rows)
-            verification = verify_export(ensemble, work / ONNX_NAME, work / TORCH_NAME, slides, source, notes,
-                                         run.threshold, precision="fp16" if fp16 else "fp32")
+        io, graph_report = _write_graphs(work, run, fp16, opset, say)
+        slides, verification = _verify(work, run, run_dir, fp16, max_slides, max_rows, say)
         verification["graph_ops"] = graph_report["ops"]
-        if fp16:
-            verification["fp16_method"] = ("every linear layer (F.linear) in fp16 with fp16 weights; GATv2 attention, "
-                                           "LayerNorm, softmax and per-slide pooling in fp32; I/O fp32")
-        for w in verification["warnings"]:
-            say(f"warning: {w}")
-        d = verification["onnx"]["max_abs_diff"]
-        say(f"verified on {verification['n_slides']} slides ({source.replace('_', ' ')}, {verification['n_rows']} rows): "
-            f"max |delta p| ONNX {d['probability']:.2e}, TorchScript "
-            f"{verification['torch']['max_abs_diff']['probability']:.2e}, "
-            f"decision flips {verification['onnx']['decision_flips']} ({time.perf_counter() - t1:.1f} s)")
-
-        manifest: dict[str, Any] = {
-            "model": {
-                "feature_dim": run.feature_dim,
-                "encoder": run.encoder,
-                "k": run.k,
-                "graph_direction": run.graph_direction,
-                "graph_library": {"scikit-learn": sklearn_version()} if run.graph_direction == "official" else None,
-                "class_names": run.class_names,
-                "threshold": run.threshold,
-                "preset": run.preset,
-                "folds": list(run.folds),
-                "cv_metrics": _cv_metrics(run),
-                "architecture": run.model_config.get("model", "momkd"),
-                "ensemble": "mean of fold probabilities" if len(run.folds) > 1 else "single fold",
-                "source_run": str(run_dir.resolve()),
-                "gat_impl": "dense" + (" (converted from the PyG GATv2Conv weights the run trained)"
-                                       if run.converted_from_pyg else ""),
-            },
-            "onnx": {"file": ONNX_NAME, "opset": int(graph_report["opset"] or opset),
-                     "precision": "fp16" if fp16 else "fp32", "inputs": io["inputs"], "outputs": io["outputs"],
-                     "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}"},
-            "tensorrt": None,
-            "torch": {"file": TORCH_NAME, "format": "torchscript", "precision": "fp32"},
-            "verification": verification,
-        }
-        write_manifest(work, manifest)
+        write_manifest(work, _manifest(run, run_dir, io, graph_report, verification, fp16, opset))
         _publishable(work)
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -194,10 +131,89 @@ def export_run(
         shutil.rmtree(work, ignore_errors=True)
         raise
     say(f"wrote {out_dir} ({time.perf_counter() - t0:.1f} s)")
-
     if fmt == "trt":
-        _add_tensorrt(out_dir, run, ensemble, slides, fp16, profile, say)
-    return load_manifest(out_dir).raw
+        _add_tensorrt(out_dir, run, run.ensemble(), slides, fp16, profile, say)
+    return load_manifest(out_dir, verify_checksums=False).raw   # written and checked just now
+
+
+def _write_graphs(work: Path, run: Any, fp16: bool, opset: int, say: Callable[[str], None]
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``model.onnx`` (the dense-GATv2 ensemble, linear layers in fp16 with ``fp16``) and the TorchScript twin
+    ``model.pt`` into ``work``; returns the graph's I/O spec and its check report."""
+    import torch
+
+    from momkd.export.frozen import mixed_fp16
+    from momkd.export.onnx import export_onnx, trace_torchscript
+
+    graph_ensemble = run.export_ensemble()  # dense GATv2 (the same module unless the run used PyG's layer)
+    with torch.no_grad():
+        t1 = time.perf_counter()
+        module = mixed_fp16(graph_ensemble) if fp16 else graph_ensemble
+        io, report = export_onnx(module, work / ONNX_NAME, run.feature_dim, run.k, opset=opset)
+        say(f"exported {ONNX_NAME} (opset {report['opset']}, {sum(report['ops'].values())} nodes, "
+            f"{report['bytes'] / 1e6:.1f} MB{', fp16 matmuls' if fp16 else ''}, {time.perf_counter() - t1:.1f} s)")
+        trace_torchscript(graph_ensemble, work / TORCH_NAME, run.feature_dim, run.k)
+    return io, report
+
+
+def _verify(work: Path, run: Any, run_dir: Path, fp16: bool, max_slides: int, max_rows: int,
+            say: Callable[[str], None]) -> tuple[list[Any], dict[str, Any]]:
+    """Both artifacts in ``work`` against the fold models as trained, on held-out slides; returns the slides and
+    the manifest's ``verification`` section (``ExportVerificationError`` when they deviate)."""
+    import torch
+
+    from momkd.export.verify import load_verification_slides, verify_export
+
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        slides, source, notes = load_verification_slides(
+            run_dir, run.config, run.folds, run.feature_dim, run.k, run.graph_direction,
+            max_slides=max_slides, max_rows=max_rows)
+        verification = verify_export(run.ensemble(), work / ONNX_NAME, work / TORCH_NAME, slides, source, notes,
+                                     run.threshold, precision="fp16" if fp16 else "fp32")
+    if fp16:
+        verification["fp16_method"] = ("every linear layer (F.linear) in fp16 with fp16 weights; GATv2 attention, "
+                                       "LayerNorm, softmax and per-slide pooling in fp32; I/O fp32")
+    for w in verification["warnings"]:
+        say(f"warning: {w}")
+    d = verification["onnx"]["max_abs_diff"]
+    say(f"verified on {verification['n_slides']} slides ({source.replace('_', ' ')}, {verification['n_rows']} "
+        f"rows): max |delta p| ONNX {d['probability']:.2e}, TorchScript "
+        f"{verification['torch']['max_abs_diff']['probability']:.2e}, "
+        f"decision flips {verification['onnx']['decision_flips']} ({time.perf_counter() - t1:.1f} s)")
+    return slides, verification
+
+
+def _manifest(run: Any, run_dir: Path, io: dict[str, Any], graph_report: dict[str, Any],
+              verification: dict[str, Any], fp16: bool, opset: int) -> dict[str, Any]:
+    """The model folder's manifest (``write_manifest`` adds the checksums)."""
+    import torch
+
+    return {
+        "model": {
+            "feature_dim": run.feature_dim,
+            "encoder": run.encoder,
+            "k": run.k,
+            "graph_direction": run.graph_direction,
+            "graph_library": {"scikit-learn": sklearn_version()} if run.graph_direction == "official" else None,
+            "class_names": run.class_names,
+            "threshold": run.threshold,
+            "preset": run.preset,
+            "folds": list(run.folds),
+            "cv_metrics": _cv_metrics(run),
+            "architecture": run.model_config.get("model", "momkd"),
+            "ensemble": "mean of fold probabilities" if len(run.folds) > 1 else "single fold",
+            "source_run": str(run_dir.resolve()),
+            "gat_impl": "dense" + (" (converted from the PyG GATv2Conv weights the run trained)"
+                                   if run.converted_from_pyg else ""),
+        },
+        "onnx": {"file": ONNX_NAME, "opset": int(graph_report["opset"] or opset),
+                 "precision": "fp16" if fp16 else "fp32", "inputs": io["inputs"], "outputs": io["outputs"],
+                 "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}"},
+        "tensorrt": None,
+        "torch": {"file": TORCH_NAME, "format": "torchscript", "precision": "fp32"},
+        "verification": verification,
+    }
 
 
 def _add_tensorrt(out_dir: Path, run: Any, ensemble: Any, slides: list[Any], fp16: bool, profile: Any,

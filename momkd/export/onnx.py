@@ -108,11 +108,12 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def export_onnx(module: nn.Module, path: str | Path, feature_dim: int, k: int, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+def export_onnx(module: nn.Module, path: str | Path, feature_dim: int, k: int, opset: int = DEFAULT_OPSET
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export ``module`` (forward(features, neighbors, slide_offsets) -> 4 tensors) to a single-file ONNX model.
 
-    Dynamic: N (rows), W (neighbour-table width) and B (slides). Returns ``{"inputs": ..., "outputs": ...}``
-    as written into the manifest. The graph is checked (``check_graph``) before returning.
+    Dynamic: N (rows), W (neighbour-table width) and B (slides). Returns ``({"inputs": ..., "outputs": ...}`` as
+    written into the manifest, ``check_graph``'s report of the file written``)``.
     """
     import onnx
 
@@ -141,8 +142,8 @@ def export_onnx(module: nn.Module, path: str | Path, feature_dim: int, k: int, o
         del node.metadata_props[:]
     _name_dims(model, feature_dim)
     onnx.save_model(model, str(path), save_as_external_data=False)
-    check_graph(path, feature_dim)
-    return {"inputs": {**INPUT_SHAPES, "features": ["N", int(feature_dim)]}, "outputs": dict(OUTPUT_SHAPES)}
+    report = check_graph(path, feature_dim)
+    return {"inputs": {**INPUT_SHAPES, "features": ["N", int(feature_dim)]}, "outputs": dict(OUTPUT_SHAPES)}, report
 
 
 def _fold_weights(model: Any) -> Any:

@@ -118,9 +118,12 @@ class ClassMemory(nn.Module):
     @torch.no_grad()
     def init_kmeans(self, proj_neg: Tensor, proj_pos: Tensor, iters: int = 20, seed: int = 0,
                     form: str = "paper") -> None:
-        """Initialise each bank by spherical k-means of its class's patch projections (see spherical_kmeans)."""
+        """Initialise each bank by spherical k-means of its class's patch projections (see spherical_kmeans), from
+        one generator: the negative bank draws first, except in the ``official`` form, which clusters the positive
+        bank first as the authors' ``bootstrap_codebooks`` does."""
         generator = torch.Generator().manual_seed(int(seed))
-        for bank, points in ((self.negative, proj_neg), (self.positive, proj_pos)):
+        banks = [(self.negative, proj_neg), (self.positive, proj_pos)]
+        for bank, points in banks[::-1] if form == "official" else banks:
             bank.copy_(spherical_kmeans(points, self.n_codes, iters, generator, form).to(bank.device, bank.dtype))
 
     @torch.no_grad()

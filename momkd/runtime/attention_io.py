@@ -3,12 +3,12 @@ float32 and ``patch_score`` (N,) float32 (rows in the slide file's order), writt
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from momkd.atomic import atomic_path
 
 ATTENTION_DIR = "attention"
 
@@ -22,22 +22,15 @@ def write_attention(out_dir: Path, slide_id: str, coords: np.ndarray, attention:
                     model_sha256: str = "") -> Path:
     path = attention_path(out_dir, slide_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{slide_id}.", suffix=".h5.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
-            f.create_dataset("attention", data=np.asarray(attention, dtype=np.float32))
-            f.create_dataset("patch_score", data=np.asarray(patch_score, dtype=np.float32))
-            f.attrs["slide_id"] = slide_id
-            f.attrs["source_file"] = source
-            f.attrs["model_manifest_sha256"] = model_sha256
-            if probability is not None:
-                f.attrs["probability"] = float(probability)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+        f.create_dataset("attention", data=np.asarray(attention, dtype=np.float32))
+        f.create_dataset("patch_score", data=np.asarray(patch_score, dtype=np.float32))
+        f.attrs["slide_id"] = slide_id
+        f.attrs["source_file"] = source
+        f.attrs["model_manifest_sha256"] = model_sha256
+        if probability is not None:
+            f.attrs["probability"] = float(probability)
     return path
 
 

@@ -3,7 +3,6 @@ written atomically; the file names and the run's fold list are ``momkd.train.run
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from momkd.atomic import atomic_path
 from momkd.config import ModelConfig
 from momkd.errors import RunFolderError
 from momkd.models import build_model
@@ -24,9 +24,8 @@ def save_checkpoint(fold_dir: Path, state: dict[str, torch.Tensor], meta: dict[s
     the class names, feature encoder, graph settings and decision threshold for export.
     """
     fold_dir.mkdir(parents=True, exist_ok=True)
-    partial = fold_dir / f".{WEIGHTS}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(partial))
-    os.replace(partial, fold_dir / WEIGHTS)
+    with atomic_path(fold_dir / WEIGHTS) as partial:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(partial))
     write_json(fold_dir / META, meta)
 
 

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import momkd
 from momkd.config import LossConfig, ModelConfig
-from momkd.data.cohort import Cohort, SlideLabel, case_level, load_splits, make_splits, save_splits
+from momkd.data.cohort import Cohort, SlideLabel, Split, case_level, load_splits, make_splits, save_splits
 from momkd.data.omics import OmicsTable, OmicsTransform
 from momkd.errors import RunFolderError
 from momkd.losses import MoMKDLoss
@@ -24,7 +24,7 @@ from momkd.tables import summary_markdown
 from momkd.train.checkpoint import save_checkpoint
 from momkd.train.config import TrainConfig
 from momkd.train.data import SlideStore
-from momkd.train.fit import FoldTrainer, resolve_device
+from momkd.train.fit import FitResult, FoldTrainer, resolve_device
 from momkd.train.predict import predict_slides
 from momkd.train.runfolder import (CONFIG, HISTORY, METRICS, SPLITS, SUMMARY, SUMMARY_MD, TEST_PREDICTIONS, fold_dir,
                                    write_json, write_rows, write_text)
@@ -81,16 +81,31 @@ def train_run(
     over folds, ``mean_slide`` / ``std_slide`` summarise ``test_slide`` (keys ``SUMMARY_KEYS``).
     """
     console = console or Console(stderr=True)
+    splits = _start_run(data, out_dir, model_cfg, loss_cfg, train_cfg, omics_opts, preset, splits_dir)
+    run = _FoldRun(data, out_dir, model_cfg, loss_cfg, train_cfg, omics_opts, preset, console,
+                   SlideStore(data.slide_paths, k=model_cfg.k, direction=model_cfg.graph_direction,
+                              expected_dim=data.feature_dim, cache_bytes=int(train_cfg.cache_gb * (1 << 30))),
+                   resolve_device(train_cfg.device))
+    fold_ids = list(only_folds) if only_folds is not None else list(range(len(splits)))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("epoch {task.fields[epoch]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
+        fold_records = [run.train_fold(splits[fold], progress) for fold in fold_ids]
+    return _finish_run(out_dir, model_cfg, preset, fold_records)
+
+
+def _start_run(data: TrainingData, out_dir: Path, model_cfg: ModelConfig, loss_cfg: LossConfig,
+               train_cfg: TrainConfig, omics_opts: OmicsOptions, preset: str, splits_dir: Path | None) -> list[Split]:
+    """Check the run can start, make (or reuse) the splits and write ``splits/`` and ``config.json``."""
     if (out_dir / SUMMARY).exists():
         raise RunFolderError(f"{out_dir}: already holds a finished run; choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    uses_omics = model_cfg.model == "momkd"
-    if uses_omics and data.omics is None:
+    if model_cfg.model == "momkd" and data.omics is None:
         raise RunFolderError("MoMKD needs paired omics for training: pass --omics (or use --model abmil)")
-
+    out_dir.mkdir(parents=True, exist_ok=True)
     cases = list(data.cohort.cases)
     labels = [data.cohort.labels[c] for c in cases]
-    splits = load_splits(splits_dir) if splits_dir else make_splits(cases, labels, folds=train_cfg.folds, seed=train_cfg.seed)
+    splits = (load_splits(splits_dir) if splits_dir
+              else make_splits(cases, labels, folds=train_cfg.folds, seed=train_cfg.seed))
     save_splits(splits, out_dir / SPLITS, data.cohort.labels)
     write_json(out_dir / CONFIG, {
         "momkd_version": momkd.__version__,
@@ -105,84 +120,106 @@ def train_run(
         "omics_transform": {"log2": omics_opts.log2, "n_genes": omics_opts.n_genes, "genes": omics_opts.genes,
                             "raw": omics_opts.raw},
     })
+    return splits
 
-    device = resolve_device(train_cfg.device)
-    store = SlideStore(data.slide_paths, k=model_cfg.k, direction=model_cfg.graph_direction,
-                       expected_dim=data.feature_dim, cache_bytes=int(train_cfg.cache_gb * (1 << 30)))
-    fold_ids = list(only_folds) if only_folds is not None else list(range(len(splits)))
-    fold_records = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epoch {task.fields[epoch]}"),
-                  TimeElapsedColumn(), console=console, transient=False, disable=not console.is_terminal) as progress:
-        for fold in fold_ids:
-            split = splits[fold]
-            train_items, val_items, test_items = data.items(split.train), data.items(split.val), data.items(split.test)
-            fold_path = fold_dir(out_dir, fold)
-            fold_path.mkdir(exist_ok=True)
-            omics_by_case: dict[str, np.ndarray] = {}
-            omics_dim = 0
-            if uses_omics:
-                transform = OmicsTransform(log2=omics_opts.log2, n_genes=omics_opts.n_genes, genes=omics_opts.genes,
-                                           raw=omics_opts.raw)
-                transform.fit(data.omics, list(split.train))
-                transform.save(fold_path / "omics_transform.json")
-                vectors = transform.transform(data.omics, list(split.train))
-                omics_by_case = dict(zip(split.train, vectors))
-                omics_dim = vectors.shape[1]
 
-            torch.manual_seed(train_cfg.seed * 1000 + fold)
-            rng = np.random.default_rng([train_cfg.seed, fold])
-            model = build_model(model_cfg, data.feature_dim, omics_dim)
-            task = progress.add_task(f"fold {fold}", total=train_cfg.epochs * len(train_items), epoch=0)
-            trainer = FoldTrainer(model, MoMKDLoss(loss_cfg), store, omics_by_case, train_cfg, device,
-                                  on_step=lambda t=task: progress.update(t, advance=1),
-                                  on_epoch=lambda e, t=task: progress.update(t, epoch=e))
-            fit = trainer.fit(train_items, val_items, rng)
-            progress.update(task, completed=train_cfg.epochs * len(train_items))
-
-            val_probs = predict_slides(trainer.model, store, [it.slide_id for it in val_items], device)
-            test_probs = predict_slides(trainer.model, store, [it.slide_id for it in test_items], device)
-            _, val_y, val_p = case_level(val_items, val_probs)
-            threshold = best_threshold(val_y, val_p)
-            val_case, val_slide = case_and_slide_metrics(val_items, val_probs, threshold)
-            test_case, test_slide = case_and_slide_metrics(test_items, test_probs, threshold)
-            record = {
-                "fold": fold,
-                "threshold": threshold,
-                "best_epoch": fit.best_epoch,
-                "epochs_run": len(fit.history),
-                "val": val_case,
-                "test": test_case,
-                "val_slide": val_slide,
-                "test_slide": test_slide,
-            }
-            fold_records.append(record)
-            save_checkpoint(fold_path, fit.best_state, {
-                "momkd_version": momkd.__version__,
-                "fold": fold,
-                "preset": preset,
-                "model_config": model_cfg.to_dict(),
-                "in_dim": data.feature_dim,
-                "omics_dim": omics_dim,
-                "class_names": list(data.cohort.class_names),
-                "encoder": data.encoder,
-                "threshold": threshold,
-            })
-            write_json(fold_path / METRICS, record)
-            write_rows(fold_path / HISTORY, fit.history)
-            write_rows(fold_path / TEST_PREDICTIONS, [
-                {"slide_id": it.slide_id, "case_id": it.case_id, "label": it.label, "probability": p}
-                for it, p in zip(test_items, test_probs)
-            ])
-            console.print(
-                f"fold {fold}: best epoch {fit.best_epoch}/{len(fit.history)}, "
-                f"val AUC {record['val']['auc']:.3f}, test AUC {record['test']['auc']:.3f} "
-                f"ACC {record['test']['acc']:.3f} F1 {record['test']['f1']:.3f} ({test_case['n']} test cases)"
-            )
-
+def _finish_run(out_dir: Path, model_cfg: ModelConfig, preset: str, fold_records: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+    """Mean ± std over folds; ``summary.md``, then ``summary.json`` (its presence marks the run finished)."""
     mean, std = mean_std([r["test"] for r in fold_records])
     mean_slide, std_slide = mean_std([r["test_slide"] for r in fold_records])
     summary = {"model": model_cfg.model, "preset": preset, "folds": fold_records, "mean": mean, "std": std,
                "mean_slide": mean_slide, "std_slide": std_slide}
     write_text(out_dir / SUMMARY_MD, summary_markdown(summary))
-    write_json(out_dir / SUMMARY, summary)   # last: its presence marks the run finished
+    write_json(out_dir / SUMMARY, summary)
     return summary
+
+
+@dataclass
+class _FoldRun:
+    """What every fold of one run shares; ``train_fold`` trains one and writes its folder."""
+
+    data: TrainingData
+    out_dir: Path
+    model_cfg: ModelConfig
+    loss_cfg: LossConfig
+    train_cfg: TrainConfig
+    omics_opts: OmicsOptions
+    preset: str
+    console: Console
+    store: SlideStore
+    device: torch.device
+
+    def omics_inputs(self, split: Split, fold_path: Path) -> tuple[dict[str, np.ndarray], int]:
+        """The fold's omics transform (fitted on its training cases, saved) and the training cases' vectors."""
+        if self.model_cfg.model != "momkd" or self.data.omics is None:
+            return {}, 0
+        opts = self.omics_opts
+        transform = OmicsTransform(log2=opts.log2, n_genes=opts.n_genes, genes=opts.genes, raw=opts.raw)
+        transform.fit(self.data.omics, list(split.train))
+        transform.save(fold_path / "omics_transform.json")
+        vectors = transform.transform(self.data.omics, list(split.train))
+        return dict(zip(split.train, vectors)), int(vectors.shape[1])
+
+    def train_fold(self, split: Split, progress: Progress) -> dict[str, Any]:
+        """Train fold ``split.fold``, choose its threshold on validation, write its folder; returns its record."""
+        fold, cfg = split.fold, self.train_cfg
+        train_items = self.data.items(split.train)
+        fold_path = fold_dir(self.out_dir, fold)
+        fold_path.mkdir(exist_ok=True)
+        omics_by_case, omics_dim = self.omics_inputs(split, fold_path)
+        torch.manual_seed(cfg.seed * 1000 + fold)
+        rng = np.random.default_rng([cfg.seed, fold])
+        model = build_model(self.model_cfg, self.data.feature_dim, omics_dim)
+        task = progress.add_task(f"fold {fold}", total=cfg.epochs * len(train_items), epoch=0)
+        trainer = FoldTrainer(model, MoMKDLoss(self.loss_cfg), self.store, omics_by_case, cfg, self.device,
+                              on_step=lambda t=task: progress.update(t, advance=1),
+                              on_epoch=lambda e, t=task: progress.update(t, epoch=e))
+        fit = trainer.fit(train_items, self.data.items(split.val), rng)
+        progress.update(task, completed=cfg.epochs * len(train_items))
+        record, test_probs = self.evaluate_fold(trainer.model, split, fit)
+        self.write_fold(fold_path, fit, record, omics_dim, test_probs, split)
+        test = record["test"]
+        self.console.print(
+            f"fold {fold}: best epoch {fit.best_epoch}/{len(fit.history)}, "
+            f"val AUC {record['val']['auc']:.3f}, test AUC {test['auc']:.3f} "
+            f"ACC {test['acc']:.3f} F1 {test['f1']:.3f} ({test['n']} test cases)"
+        )
+        return record
+
+    def evaluate_fold(self, model: torch.nn.Module, split: Split, fit: FitResult
+                      ) -> tuple[dict[str, Any], np.ndarray]:
+        """The fold record (threshold = max per-case F1 on validation; metrics per case and per slide) and the
+        test slides' probabilities."""
+        val_items, test_items = self.data.items(split.val), self.data.items(split.test)
+        val_probs = predict_slides(model, self.store, [it.slide_id for it in val_items], self.device)
+        test_probs = predict_slides(model, self.store, [it.slide_id for it in test_items], self.device)
+        _, val_y, val_p = case_level(val_items, val_probs)
+        threshold = best_threshold(val_y, val_p)
+        val_case, val_slide = case_and_slide_metrics(val_items, val_probs, threshold)
+        test_case, test_slide = case_and_slide_metrics(test_items, test_probs, threshold)
+        record = {"fold": split.fold, "threshold": threshold, "best_epoch": fit.best_epoch,
+                  "epochs_run": len(fit.history), "val": val_case, "test": test_case, "val_slide": val_slide,
+                  "test_slide": test_slide}
+        return record, test_probs
+
+    def write_fold(self, fold_path: Path, fit: FitResult, record: dict[str, Any], omics_dim: int,
+                   test_probs: np.ndarray, split: Split) -> None:
+        """Checkpoint (best epoch), metrics.json, history.csv and test_predictions.csv of one fold."""
+        save_checkpoint(fold_path, fit.best_state, {
+            "momkd_version": momkd.__version__,
+            "fold": split.fold,
+            "preset": self.preset,
+            "model_config": self.model_cfg.to_dict(),
+            "in_dim": self.data.feature_dim,
+            "omics_dim": omics_dim,
+            "class_names": list(self.data.cohort.class_names),
+            "encoder": self.data.encoder,
+            "threshold": record["threshold"],
+        })
+        write_json(fold_path / METRICS, record)
+        write_rows(fold_path / HISTORY, fit.history)
+        write_rows(fold_path / TEST_PREDICTIONS, [
+            {"slide_id": it.slide_id, "case_id": it.case_id, "label": it.label, "probability": p}
+            for it, p in zip(self.data.items(split.test), test_probs)
+        ])

@@ -20,8 +20,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from momkd.data.cohort import SlideLabel, read_table
+from momkd.atomic import write_text
 from momkd.errors import RunFolderError
 
 from momkd.tables import METRIC_KEYS
@@ -52,28 +51,6 @@ def fold_dir(run_dir: Path, fold: int) -> Path:
 
 
 # --------------------------------------------------------------------------- writing
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON (numpy scalars as floats), atomically."""
     write_text(path, json.dumps(data, indent=2, default=float))
