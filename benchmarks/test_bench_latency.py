@@ -162,11 +162,13 @@ def test_onnxruntime_cpu_vs_matmul_roofline(benchmark, manifest: Manifest, backe
                                 "roofline_fraction": largest["flops"] / (largest_ms / 1e3) / 1e9 / roofline},
             "neighbourhood_ms": round(neighbourhood_ms, 1),
             # ... and if the whole per-edge step were one operator that took no time
-            "without_neighbourhood_fraction": flops / ((sum(per_op.values()) - neighbourhood_ms) / 1e3) / 1e9 / roofline,
+            "without_neighbourhood_fraction":
+                flops / ((sum(per_op.values()) - neighbourhood_ms) / 1e3) / 1e9 / roofline,
             "top_ops_ms": {k: round(v, 1) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:8]},
             "model": str(manifest.root), "machine": machine_info()}
     benchmark.extra_info.update(info)
-    print(f"\nONNX Runtime CPU, N={ROOFLINE_N}: {median * 1e3:.0f} ms, {flops / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s"
+    print(f"\nONNX Runtime CPU, N={ROOFLINE_N}: {median * 1e3:.0f} ms, {flops / 1e9:.1f} GFLOP -> "
+          f"{achieved:.1f} GFLOP/s"
           f" = {100 * achieved / roofline:.0f}% of the {roofline:.1f} GFLOP/s fp32 matmul roofline; matrix products "
           f"{products_ms:.0f} of {sum(per_op.values()):.0f} profiled ms (with every other node free: "
           f"{100 * info['products_only_fraction']:.0f}%); largest product {largest_ms:.0f} ms = "

@@ -5,7 +5,8 @@ compute-only slide rate (the same packs, already in memory, through the same bac
 The model is a toy with the exported graph's exact I/O (``momkd.testing.toy``, a dense layer + neighbour mean +
 per-slide softmax pooling) unless ``MOMKD_BENCH_MODEL_DIR`` names a real model folder from ``momkd export``.
 Other knobs: ``MOMKD_BENCH_DIM`` (toy feature dim, 1536), ``MOMKD_BENCH_HIDDEN`` (toy width, 256),
-``MOMKD_BENCH_SLIDES`` (24) or ``MOMKD_BENCH_FOLDER`` (an existing folder of .h5 files), ``MOMKD_BENCH_BACKEND`` (auto), ``MOMKD_BENCH_DEVICE``, ``MOMKD_BENCH_BUDGET``
+``MOMKD_BENCH_SLIDES`` (24) or ``MOMKD_BENCH_FOLDER`` (an existing folder of .h5 files),
+``MOMKD_BENCH_BACKEND`` (auto), ``MOMKD_BENCH_DEVICE``, ``MOMKD_BENCH_BUDGET``
 (rows per pack, the CLI default), ``MOMKD_BENCH_WORKERS`` (2), ``MOMKD_BENCH_ASSERT=1`` to enforce the targets
 (folder >= 90% of compute-only; peak RSS <= 2.5 GB). Run:
 
@@ -52,7 +53,8 @@ def bench_model(tmp_path_factory) -> Path:
     if ENV("MOMKD_BENCH_MODEL_DIR"):
         return Path(ENV("MOMKD_BENCH_MODEL_DIR"))
     d = tmp_path_factory.mktemp("bench_model") / "model"
-    build_toy_model_dir(d, feature_dim=int(ENV("MOMKD_BENCH_DIM", "1536")), hidden=int(ENV("MOMKD_BENCH_HIDDEN", "256")))
+    build_toy_model_dir(d, feature_dim=int(ENV("MOMKD_BENCH_DIM", "1536")),
+                        hidden=int(ENV("MOMKD_BENCH_HIDDEN", "256")))
     return d
 
 
@@ -143,7 +145,8 @@ def test_peak_rss_100k_patch_slides(benchmark, bench_model: Path, tmp_path: Path
             "from momkd.cli.main import app\n"
             "try:\n    app()\nexcept SystemExit as e:\n    rc = e.code\n"
             "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n")
-    args = [sys.executable, "-c", code, "infer", str(bench_model), str(folder), "--out", str(tmp_path / "out"), "--quiet"]
+    args = [sys.executable, "-c", code, "infer", str(bench_model), str(folder), "--out", str(tmp_path / "out"),
+            "--quiet"]
     runs = []
     benchmark.pedantic(lambda: runs.append(subprocess.run(args, capture_output=True, text=True, timeout=900)),
                        rounds=1, iterations=1)

@@ -31,8 +31,8 @@ def evaluate_run(run_dir: Path, data: TrainingData, out_dir: Path, device: str =
     out_dir.mkdir(parents=True, exist_ok=True)
     folds = [load_checkpoint(d, torch_device) for d in fold_dirs(run_dir)]
     meta0 = folds[0][1]
-    store = SlideStore(data.slide_paths, k=meta0["model_config"]["k"], direction=meta0["model_config"]["graph_direction"],
-                       expected_dim=meta0["in_dim"])
+    store = SlideStore(data.slide_paths, k=meta0["model_config"]["k"],
+                       direction=meta0["model_config"]["graph_direction"], expected_dim=meta0["in_dim"])
     items = data.items(data.cohort.cases)
     slide_ids = [it.slide_id for it in items]
     per_fold = {meta["fold"]: predict_slides(model, store, slide_ids, torch_device) for model, meta in folds}
@@ -49,7 +49,8 @@ def evaluate_run(run_dir: Path, data: TrainingData, out_dir: Path, device: str =
 
     with (out_dir / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["slide_id", "case_id", "label", *[f"probability_fold_{k}" for k in per_fold], "probability", "prediction"])
+        writer.writerow(["slide_id", "case_id", "label", *[f"probability_fold_{k}" for k in per_fold], "probability",
+                         "prediction"])
         class_names = meta0["class_names"]
         for i, it in enumerate(items):
             writer.writerow([it.slide_id, it.case_id, it.label, *[f"{per_fold[k][i]:.9g}" for k in per_fold],

@@ -108,7 +108,7 @@ def _lattice_knn(c: np.ndarray, k: int, table: np.ndarray) -> np.ndarray | None:
         return None
     cand = grid[flat[:, None] + (off[:, 0] * height + off[:, 1])[None, :]]           # (N, S)
     sentinel = (int(rank.max()) + 1) * n
-    key_dtype = np.int32 if sentinel < 2**31 else np.int64
+    key_dtype: type[np.signedinteger] = np.int32 if sentinel < 2**31 else np.int64
     key = np.where(cand >= 0, rank.astype(key_dtype) * key_dtype(n) + cand.astype(key_dtype), key_dtype(sentinel))
     nearest = np.sort(key, axis=1)[:, :k]                                               # (N, k) by (d^2, index)
     done = nearest[:, -1] < sentinel

@@ -64,7 +64,8 @@ def vq_nearest(points: Tensor, codes: Tensor, eps: float = 1e-8) -> Tensor:
 
     The same ordering as :func:`nearest_euclidean` except where the clamp at ``eps`` makes near-coincident codes
     tie (then the first index wins, as ``argmax`` of the negated distance in their vector quantiser)."""
-    d2 = (points * points).sum(dim=1).unsqueeze(1) + (codes * codes).sum(dim=1).unsqueeze(0) - 2.0 * (points @ codes.t())
+    d2 = ((points * points).sum(dim=1).unsqueeze(1) + (codes * codes).sum(dim=1).unsqueeze(0)
+          - 2.0 * (points @ codes.t()))
     return d2.clamp(min=eps).argmin(dim=1)
 
 

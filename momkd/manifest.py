@@ -192,7 +192,8 @@ def _parse(where: Path, root: Path, raw: Any, sha: str) -> Manifest:
                            profiles=t.get("profiles"), precision=str(t.get("precision", "fp32")),
                            device=t.get("device"), tensorrt_version=t.get("tensorrt_version"))
     pt = _get(where, raw, "torch", dict, "", nullable=True)
-    torch = None if pt is None else TorchInfo(file=_check_name(where, _get(where, pt, "file", str, "torch."), "torch.file"))
+    torch = None if pt is None else TorchInfo(
+        file=_check_name(where, _get(where, pt, "file", str, "torch."), "torch.file"))
 
     artifacts = _get(where, raw, "artifacts", dict, "")
     for name, digest in artifacts.items():

@@ -69,8 +69,8 @@ def plant_bad_slide_files(folder: Path, feature_dim: int = BAD_SLIDE_FEATURE_DIM
     nan[3, 0] = np.inf
     out["non_finite"] = write_slide_h5(folder / "bad_nan.h5", nan, coords)
     out["empty"] = write_slide_h5(folder / "bad_empty.h5", features[:0], coords[:0])
-    out["feature_dim"] = write_slide_h5(folder / "bad_dim.h5", rng.standard_normal((n, feature_dim + 1)).astype(np.float32),
-                                        coords)
+    out["feature_dim"] = write_slide_h5(folder / "bad_dim.h5",
+                                        rng.standard_normal((n, feature_dim + 1)).astype(np.float32), coords)
     assert tuple(out) == BAD_SLIDE_KINDS
     return out
 

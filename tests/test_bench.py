@@ -99,7 +99,8 @@ def test_bench_cpu_table_and_json(paper_model, tmp_path: Path) -> None:
     pytest.importorskip("torch")
     out = tmp_path / "bench.json"
     result = runner.invoke(app, ["bench", str(paper_model[1]), "--patches", "40,7", "--slides-per-pack", "1,3",
-                                 "--precision", "fp32,bf16", "--repeat", "2", "--warmup", "1", "--json", str(out), "-q"])
+                                 "--precision", "fp32,bf16", "--repeat", "2", "--warmup", "1", "--json", str(out),
+                                 "-q"])
     assert result.exit_code == 0, result.output
     for column in ("backend", "device", "precision", "median ms", "p90 ms", "slides/s", "GFLOP/s", "max |Δp|",
                    "status"):
@@ -132,8 +133,9 @@ def test_bench_without_torch_runs_onnx_without_dprob(paper_model, tmp_path: Path
             "from momkd.cli.main import app\n"
             "app()\n")
     out = tmp_path / "b.json"
-    r = subprocess.run([sys.executable, "-c", code, "bench", str(paper_model[1]), "--patches", "30", "--slides-per-pack",
-                        "2", "--repeat", "2", "--warmup", "0", "--precision", "fp32", "--json", str(out), "-q"],
+    r = subprocess.run([sys.executable, "-c", code, "bench", str(paper_model[1]), "--patches", "30",
+                        "--slides-per-pack", "2", "--repeat", "2", "--warmup", "0", "--precision", "fp32",
+                        "--json", str(out), "-q"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     records = json.loads(out.read_text())
@@ -185,7 +187,8 @@ def test_bench_missing_model_folder_and_json_folder(paper_model, tmp_path: Path)
 def test_report_script_tables_and_plot(tmp_path: Path) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).parents[1] / "benchmarks" / "report.py")
+    spec = importlib.util.spec_from_file_location("bench_report",
+                                                  Path(__file__).parents[1] / "benchmarks" / "report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     bench = [{"backend": "onnxruntime", "device": "cpu", "precision": "fp32", "n_patches": n, "slides_per_pack": 1,
@@ -223,7 +226,8 @@ def test_report_script_tables_and_plot(tmp_path: Path) -> None:
     assert "| paper | fp32 | cuda | 100 | fused tf32x3 0.250, unfused 1.000 | 4.00 |" in text
     assert "test_train_step[20000-paper]" in text
     assert "**50%** of 200.0 GFLOP/s" in text
-    assert "With every non-product node free: 83%" in text and "per-edge (W+1) nodes 150.0 ms (if they took no time: 70%)" in text
+    assert "With every non-product node free: 83%" in text
+    assert "per-edge (W+1) nodes 150.0 ms (if they took no time: 70%)" in text
     if "--png" in argv:
         assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     (tmp_path / "bad.json").write_text("{}")

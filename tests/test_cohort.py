@@ -60,11 +60,13 @@ def test_slide_stem() -> None:
     ([["P1", "s1", "pos"], ["P2", "s1", "neg"]], HEADER,
      "cohort.csv line 3: slide s1 is listed under case P2 and under case P1 (line 2)"),
     ([["P1", "s1", "pos"], ["P2", "s2", "neg"], ["P3", "s3", "equivocal"]], HEADER,
-     "unknown label value(s): column HER2 has 3 distinct values ('pos' (1 rows), 'neg' (1 rows), 'equivocal' (1 rows))"),
+     "unknown label value(s): column HER2 has 3 distinct values "
+     "('pos' (1 rows), 'neg' (1 rows), 'equivocal' (1 rows))"),
     ([["P1", "s1", "yes"], ["P2", "s2", "no"]], HEADER, "positive value 'pos' does not occur in column HER2"),
     ([["P1", "s1", "pos"], ["P2", "s2", "POS"]], HEADER, "column HER2 has only the positive value"),
     ([["P1", "s1", "pos"], ["P2", "", "neg"], ["P3", "s3", "neg"]], HEADER, "cohort.csv line 3: empty slide_id"),
-    ([["P1", "s1", "pos"]], ["case_id", "slide", "her2"], "missing column(s) slide_id, HER2 (columns: case_id, slide, her2)"),
+    ([["P1", "s1", "pos"]], ["case_id", "slide", "her2"],
+     "missing column(s) slide_id, HER2 (columns: case_id, slide, her2)"),
     ([], HEADER, "no data rows"),
 ])
 def test_problems(tmp_path: Path, rows: list[list[str]], header: list[str], expected: str) -> None:
@@ -86,7 +88,8 @@ def test_every_problem_at_once(tmp_path: Path) -> None:
 
 
 def test_unreadable_table(tmp_path: Path) -> None:
-    assert problems_of(tmp_path / "nope.csv") == [f"{tmp_path / 'nope.csv'}: cannot read the file: No such file or directory"]
+    assert problems_of(tmp_path / "nope.csv") == [
+        f"{tmp_path / 'nope.csv'}: cannot read the file: No such file or directory"]
 
 
 def labelled(n_pos: int, n_neg: int) -> tuple[list[str], list[int]]:
@@ -131,7 +134,8 @@ def test_splits_deterministic() -> None:
 def test_too_few_cases() -> None:
     assert [min_cases_per_class(k) for k in (2, 3, 5, 10)] == [4, 3, 5, 10]
     cases, labels = labelled(4, 30)
-    with pytest.raises(CohortError, match="the positive class has 4 case\\(s\\); 5-fold splits need at least 5 per class"):
+    with pytest.raises(CohortError,
+                       match="the positive class has 4 case\\(s\\); 5-fold splits need at least 5 per class"):
         make_splits(cases, labels, folds=5)
 
 

@@ -140,7 +140,8 @@ def run_onnx(path: Path, features: np.ndarray, neighbors: np.ndarray, offsets: n
     return dict(zip(OUTPUTS, values))
 
 
-def run_torch(module: object, features: np.ndarray, neighbors: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+def run_torch(module: object, features: np.ndarray, neighbors: np.ndarray, offsets: np.ndarray
+              ) -> dict[str, np.ndarray]:
     with torch.no_grad():
         out = module(torch.from_numpy(features), torch.from_numpy(neighbors), torch.from_numpy(offsets))
     return {k: v.numpy() for k, v in zip(OUTPUTS, out)}
@@ -320,7 +321,8 @@ def test_torchscript_twin_matches(exported, ensemble) -> None:
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_momkd_infer_runs_the_exported_folder(exported, paper_run: Path, ensemble, backend: str, tmp_path: Path) -> None:
+def test_momkd_infer_runs_the_exported_folder(exported, paper_run: Path, ensemble, backend: str,
+                                              tmp_path: Path) -> None:
     """The runtime reads the folder as exported: every slide of the cohort, probabilities == the PyTorch ensemble."""
     from momkd.data.slide import read_slide
     from momkd.graph import neighbor_table
@@ -607,7 +609,8 @@ def test_unknown_fold_and_bad_fold_value(paper_run: Path, tmp_path: Path) -> Non
 
 
 def test_unsupported_opset(paper_run: Path, tmp_path: Path) -> None:
-    line = _one_line_error(runner.invoke(app, ["export", str(paper_run), "--opset", "11", "--out", str(tmp_path / "m")]))
+    line = _one_line_error(runner.invoke(app, ["export", str(paper_run), "--opset", "11",
+                                               "--out", str(tmp_path / "m")]))
     assert "--opset 11 is not supported" in line
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.export-*"))
 
@@ -677,7 +680,8 @@ def test_export_of_a_trained_run_matches_evaluate(tmp_path: Path, make_bad_slide
             assert row["error"].split(":")[0] == next(k for k, p in bad.items() if p.name == name).split("/")[0]
         else:
             assert row["status"] == "ok", row
-            assert float(row["probability"]) == pytest.approx(float(evaluated[row["slide_id"]]["probability"]), abs=1e-4)
+            assert float(row["probability"]) == pytest.approx(float(evaluated[row["slide_id"]]["probability"]),
+                                                              abs=1e-4)
             assert row["prediction"] == evaluated[row["slide_id"]]["prediction"]
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 1, again.stderr

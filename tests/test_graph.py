@@ -225,7 +225,8 @@ def test_sklearn_knn_table_is_the_authors_graph() -> None:
     neighbors = pytest.importorskip("sklearn.neighbors")
     coords = CASES["grid_with_holes"]
     table = sklearn_knn_table(coords, 8)
-    np.testing.assert_array_equal(table, neighbors.kneighbors_graph(coords, 8, include_self=False).indices.reshape(-1, 8))
+    np.testing.assert_array_equal(table,
+                                  neighbors.kneighbors_graph(coords, 8, include_self=False).indices.reshape(-1, 8))
     exact = knn_table(coords, 8)
     assert sum(set(a) != set(b) for a, b in zip(table, exact)) > len(coords) // 10
     dist = lambda t: np.sort(((coords[t] - coords[:, None, :]) ** 2).sum(-1), axis=1)  # noqa: E731

@@ -30,7 +30,8 @@ def test_help_does_not_import_heavy_modules() -> None:
         "import sys\n"
         "from momkd.cli.main import app\n"
         "try:\n    app(['--help'], prog_name='momkd')\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'torch_geometric', 'onnx', 'onnxruntime', 'h5py', 'scipy', 'sklearn') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'torch_geometric', 'onnx', 'onnxruntime', 'h5py', 'scipy', 'sklearn')"
+        " if m in sys.modules]\n"
         "print('HEAVY:' + ','.join(heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -62,7 +63,8 @@ def test_infer_heatmaps_are_torch_free_and_matplotlib_only_when_asked(tmp_path) 
     painted = run("sys.modules['torch'] = None", "--out", str(tmp_path / "painted"), "--heatmaps")
     assert painted.returncode == 0, painted.stderr
     assert painted.stdout.splitlines()[-1] == "LOADED:matplotlib"
-    assert sorted(p.name for p in (tmp_path / "painted" / "heatmaps").glob("*.png")) == ["slide_000.png", "slide_001.png"]
+    assert sorted(p.name for p in (tmp_path / "painted" / "heatmaps").glob("*.png")) == ["slide_000.png",
+                                                                                        "slide_001.png"]
     refused = run("sys.modules['torch'] = None; sys.modules['matplotlib'] = None", "--out", str(tmp_path / "no_mpl"),
                   "--heatmaps")
     assert refused.returncode == 2

@@ -177,7 +177,8 @@ def test_case_and_slide_metrics() -> None:
 
 def test_mean_std() -> None:
     folds = [{"auc": 0.8, "acc": 0.7, "f1": 0.6, "f1_macro": 0.65, "n": 10},
-             {"auc": 0.9, "acc": 0.75, "f1": 0.5, "f1_macro": 0.6}, {"auc": 0.85, "acc": 0.8, "f1": 0.7, "f1_macro": 0.7}]
+             {"auc": 0.9, "acc": 0.75, "f1": 0.5, "f1_macro": 0.6},
+             {"auc": 0.85, "acc": 0.8, "f1": 0.7, "f1_macro": 0.7}]
     mean, std = mean_std(folds)
     for key in ("auc", "acc", "f1", "f1_macro"):
         values = [f[key] for f in folds]

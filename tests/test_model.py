@@ -77,8 +77,10 @@ def test_presets() -> None:
     assert (m.dim, m.heads, m.proj_dim, m.n_codes, m.tau, m.learnable_tau) == (256, 2, 128, 16, 0.2, False)
     assert (m.graph_direction, m.memory_update, m.dropout, m.kmeans_patches, m.classifier) == (
         "paper", "gradient", 0.25, 10000, "linear")
-    assert (loss.lambda_ce, loss.lambda_mse, loss.alpha_wsi, loss.alpha_omics, loss.lambda_mem) == (0.5, 0.01, 0.2, 0.05, 0.1)
-    assert (loss.tau_agg, loss.beta, loss.margin, loss.orth_form, loss.commit_form) == (5.0, 20.0, 0.3, "paper", "paper")
+    assert ((loss.lambda_ce, loss.lambda_mse, loss.alpha_wsi, loss.alpha_omics, loss.lambda_mem)
+            == (0.5, 0.01, 0.2, 0.05, 0.1))
+    assert ((loss.tau_agg, loss.beta, loss.margin, loss.orth_form, loss.commit_form)
+            == (5.0, 20.0, 0.3, "paper", "paper"))
     o, lo = preset("official")
     assert (o.dim, o.heads, o.proj_dim, o.omics_hidden, o.dropout, o.attn_dropout) == (512, 2, 64, 512, 0.5, 0.5)
     assert (o.learnable_tau, o.tau, o.tau_min, o.tau_max, o.graph_direction) == (True, 0.2, 0.01, 2.0, "official")

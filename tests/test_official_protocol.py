@@ -142,7 +142,8 @@ def test_official_preset_sets_the_authors_training_loop() -> None:
     from momkd.train.setup import build_configs
 
     _, loss_cfg, train_cfg = build_configs("official")
-    assert (train_cfg.protocol, train_cfg.patience, train_cfg.grad_clip, train_cfg.lr_plateau) == ("official", 1, 16.0, True)
+    assert ((train_cfg.protocol, train_cfg.patience, train_cfg.grad_clip, train_cfg.lr_plateau)
+            == ("official", 1, 16.0, True))
     assert (train_cfg.epochs, train_cfg.kmeans_patches) == (100, 50000)
     assert loss_cfg.commit_form == "official"
     assert build_configs("paper")[2].protocol == "paper"

@@ -240,7 +240,8 @@ def _fake_tensorrt(max_rows: int, max_slides: int, calls: list) -> types.ModuleT
             return dtypes[name]
 
         def get_tensor_profile_shape(self, name, profile):
-            return {"features": ((1, DIM), (1000, DIM), (max_rows, DIM)), "neighbors": ((1, 1), (1000, 8), (max_rows, 8)),
+            return {"features": ((1, DIM), (1000, DIM), (max_rows, DIM)),
+                    "neighbors": ((1, 1), (1000, 8), (max_rows, 8)),
                     "slide_offsets": ((2,), (8,), (max_slides + 1,))}[name]
 
         def create_execution_context(self):

@@ -124,7 +124,8 @@ def test_reference_packing_works_under_python_O() -> None:
 
     code = ("import numpy as np\n"
             "from momkd.data.batch import GraphSlide, pack_slides\n"
-            "s = [GraphSlide(f's{i}', np.ones((n, 3), np.float32), np.full((n, 2), -1), n) for i, n in enumerate((2, 5))]\n"
+            "s = [GraphSlide(f's{i}', np.ones((n, 3), np.float32), np.full((n, 2), -1), n)"
+            " for i, n in enumerate((2, 5))]\n"
             "p = pack_slides(s)\n"
             "print(p.slide_offsets.tolist(), p.features.shape)\n")
     out = subprocess.run([sys.executable, "-O", "-c", code], check=True, capture_output=True, text=True).stdout

@@ -1,5 +1,6 @@
-"""predictions.csv: atomic rewrite, flushed after each pack, and --resume (never duplicates, redoes only what is
-missing, failed, or changed; refuses rows made by another model)."""
+"""predictions.csv: atomic rewrites (start and end of a run), each pack's rows appended and fsynced (bytes per pack
+= that pack's rows), and --resume (never duplicates, redoes only what is missing, failed, or changed; refuses rows
+made by another model; ignores a torn last line; a kill -9 then --resume gives the uninterrupted result)."""
 
 from __future__ import annotations
 
@@ -156,3 +157,151 @@ def test_resume_with_attention_redoes_slides_without_an_attention_file(model_dir
     (out / "attention" / "slide_003.h5").unlink()
     again = run_inference(model_dir, folder, out, resume=True, save_attention=True)
     assert again.n_processed == 1 and (out / "attention" / "slide_003.h5").is_file()
+
+
+# -- appends: O(rows of a pack) bytes per pack, a torn last line, kill -9 ----------------------------------------
+
+def test_writer_appends_pending_rows_and_rewrites_in_order(tmp_path: Path) -> None:
+    w = ResultsWriter(tmp_path, 4)
+    w.flush()                                                   # header only (the start of a run)
+    w.set(3, ResultRow.ok("d", "d.h5", 2, 0.75, "pos"))
+    w.set(1, ResultRow.failed("b", "b.h5", "unreadable: x"))
+    size = (tmp_path / "predictions.csv").stat().st_size
+    w.commit()                                                  # appended, sorted among themselves
+    assert lines(tmp_path)[1:] == ["b,b.h5,error,unreadable: x,,,", "d,d.h5,ok,,2,0.75,pos"]
+    assert (tmp_path / "predictions.csv").stat().st_size - size == len("b,b.h5,error,unreadable: x,,,\n"
+                                                                       "d,d.h5,ok,,2,0.75,pos\n")
+    w.commit()                                                  # nothing pending: nothing written
+    w.set(0, ResultRow.ok("a", "a.h5", 1, 0.25, "neg"))
+    w.commit()
+    assert [r.slide_id for r in read_predictions(tmp_path / "predictions.csv")] == ["b", "d", "a"]
+    with pytest.raises(ValueError, match="a second row"):
+        w.set(3, ResultRow.ok("d", "d.h5", 2, 0.75, "pos"))
+    w.flush()                                                   # the end of a run: discovery order
+    assert [r.slide_id for r in read_predictions(tmp_path / "predictions.csv")] == ["a", "b", "d"]
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
+
+
+def test_bytes_written_per_pack_are_those_of_its_rows(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from momkd.runtime import results
+
+    folder = tmp_path / "many"
+    write_slide_folder(folder, [3] * 40, DIM)
+    (folder / "slide_010b.h5").write_bytes(b"")                 # a reader failure between two packs
+    rewrites, appends = [], []
+    real_write, real_commit = results.atomic_write_text, ResultsWriter.commit
+
+    def write(path, text):
+        if path.name == "predictions.csv":
+            rewrites.append(len(text))
+        real_write(path, text)
+
+    def commit(self):
+        before, n = self.path.stat().st_size, len(self.pending)
+        real_commit(self)
+        appends.append((n, self.path.stat().st_size - before))
+
+    monkeypatch.setattr(results, "atomic_write_text", write)
+    monkeypatch.setattr(ResultsWriter, "commit", commit)
+    out = tmp_path / "out"
+    summary = run_inference(model_dir, folder, out, batch_patches=1)   # one slide per pack: 40 packs
+    final = (out / "predictions.csv").read_bytes()
+    assert summary.n_ok == 40 and summary.n_failed == 1
+    assert len(rewrites) == 2 and rewrites[1] == len(final)    # the start (header) and the end (ordered) only
+    assert len(appends) == 40 and sum(n for n, _ in appends) == 41
+    longest = max(len(line) + 1 for line in final.splitlines())
+    assert all(0 < grew <= n * longest for n, grew in appends)  # O(rows of the pack), never the whole file
+    assert sum(grew for _, grew in appends) == len(final) - rewrites[0]   # each row appended once
+    assert [r.slide_id for r in read_predictions(out / "predictions.csv")] == sorted(
+        [f"slide_{i:03d}" for i in range(40)] + ["slide_010b"])
+
+
+def test_a_torn_last_line_is_ignored_and_redone_on_resume(model_dir: Path, folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_inference(model_dir, folder, out)
+    whole = (out / "predictions.csv").read_bytes()
+    rows = whole.splitlines(keepends=True)
+    # a run killed mid-append: rows in completion order, the last one half written
+    (out / "predictions.csv").write_bytes(b"".join([rows[0], rows[3], rows[1], rows[5], rows[2][:17]]))
+    assert [r.slide_id for r in read_predictions(out / "predictions.csv")] == ["slide_002", "slide_000",
+                                                                              "slide_004"]
+    summary = run_inference(model_dir, folder, out, resume=True)
+    assert summary.n_kept == 3 and summary.n_processed == 2 and summary.exit_code == 0
+    assert (out / "predictions.csv").read_bytes() == whole
+    torn_utf8 = rows[0] + rows[1] + "slide_é".encode()[:-1]    # cut inside a UTF-8 sequence
+    (out / "predictions.csv").write_bytes(torn_utf8)
+    assert [r.slide_id for r in read_predictions(out / "predictions.csv")] == ["slide_000"]
+    (out / "predictions.csv").write_bytes(rows[0] + rows[1] + b'x,"torn\n')   # ends inside a quoted field
+    assert [r.slide_id for r in read_predictions(out / "predictions.csv")] == ["slide_000"]
+    (out / "predictions.csv").write_bytes(rows[0] + rows[1][:17] + b"\n" + rows[2])   # not the last line
+    with pytest.raises(ResultsError, match="line 2 is malformed"):
+        run_inference(model_dir, folder, out, resume=True)
+    (out / "predictions.csv").write_bytes(rows[0] + rows[1] + rows[2].replace(b",ok,", b",okay,"))
+    with pytest.raises(ResultsError, match="line 3 is malformed"):      # a whole last line is checked
+        read_predictions(out / "predictions.csv")
+
+
+_KILLED_RUN = """
+import sys, time
+from pathlib import Path
+from momkd.runtime.backends import OnnxRuntimeBackend
+from momkd.runtime.pipeline import run_inference
+
+model_dir, folder, out, marker, n = sys.argv[1:6]
+
+class HangOnCall:
+    def __init__(self, inner, n):
+        self.inner, self.n = inner, n
+        self.name, self.device, self.detail, self.max_rows, self.max_slides = "onnxruntime", "cpu", "", None, None
+
+    def run(self, *args):
+        self.n -= 1
+        if self.n == 0:                      # packs 1..n-1 are recorded: wait here to be killed
+            Path(marker).write_text("ready")
+            time.sleep(600)
+        return self.inner.run(*args)
+
+    def close(self):
+        pass
+
+be = HangOnCall(OnnxRuntimeBackend(Path(model_dir) / "model.onnx", "cpu", threads=1), int(n))
+run_inference(model_dir, folder, out, batch_patches=1, backend_obj=be)
+"""
+
+
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(model_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "in"
+    write_slide_folder(folder, [5, 9, 3, 12, 4, 7, 6, 8], DIM)
+    (folder / "slide_001b.h5").write_bytes(b"")                 # a reader failure: appended out of file order
+    run_inference(model_dir, folder, tmp_path / "whole", batch_patches=1)
+    whole = (tmp_path / "whole" / "predictions.csv").read_bytes()
+
+    out, marker = tmp_path / "out", tmp_path / "hung"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(model_dir), str(folder), str(out), str(marker),
+                             "5"])
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "the run never reached its 5th pack"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = read_predictions(out / "predictions.csv")
+    ok = [r.slide_id for r in left if r.status == "ok"]
+    assert ok == [f"slide_{i:03d}" for i in range(4)]           # the 4 packs done before the kill, durable
+    assert sorted(r.slide_id for r in left) == sorted(ok + ["slide_001b"])   # its failure too, each file once
+    whole_rows = {r.file: r for r in read_predictions(tmp_path / "whole" / "predictions.csv")}
+    assert all(r == whole_rows[r.file] for r in left)
+    summary = run_inference(model_dir, folder, out, resume=True, batch_patches=1)
+    assert summary.n_kept == 4 and summary.n_processed == 5 and summary.exit_code == 1   # slide_001b fails again
+    assert (out / "predictions.csv").read_bytes() == whole

@@ -181,7 +181,8 @@ def test_cli_reports_every_problem_in_one_run(small: SyntheticCohort, tmp_path: 
 def test_cli_clean_cohort(synth_cohort: SyntheticCohort) -> None:
     result = runner.invoke(app, cli_args(synth_cohort))
     assert result.exit_code == 0, result.output
-    assert ": ok" in result.output and "Negative: 36, Positive: 24" in result.output and "64 (synthetic)" in result.output
+    assert (": ok" in result.output and "Negative: 36, Positive: 24" in result.output
+            and "64 (synthetic)" in result.output)
 
 
 def test_cli_no_omics_skips_omics(small: SyntheticCohort) -> None:

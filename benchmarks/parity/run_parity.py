@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import inspect
 import json
 import math
@@ -40,8 +41,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import parity_mapping
-import parity_official as po
+parity_mapping = importlib.import_module("parity_mapping")
+po = importlib.import_module("parity_official")
 
 TOL = 1e-5  # fp32 values, absolute
 K = 8

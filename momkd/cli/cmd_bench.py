@@ -4,16 +4,16 @@ outputs checked against the PyTorch fp32 model (where PyTorch is installed)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from momkd.cli.errors import handle_errors
 from momkd.errors import MomkdError
 
 console = Console(stderr=True)
@@ -30,9 +30,11 @@ def _ms(value: float | None) -> str:
 def results_table(records: list[Any]) -> Table:
     """The ultralytics-style table: one row per measurement, one per target that cannot run here."""
     table = Table(title="momkd bench", title_justify="left")
-    for name, justify in (("backend", "left"), ("device", "left"), ("precision", "left"), ("N", "right"),
-                          ("slides", "right"), ("median ms", "right"), ("p90 ms", "right"), ("slides/s", "right"),
-                          ("GFLOP/s", "right"), ("max |Δp|", "right"), ("status", "left")):
+    columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
+        ("backend", "left"), ("device", "left"), ("precision", "left"), ("N", "right"), ("slides", "right"),
+        ("median ms", "right"), ("p90 ms", "right"), ("slides/s", "right"), ("GFLOP/s", "right"),
+        ("max |Δp|", "right"), ("status", "left"))
+    for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=name != "status")
     for r in records:
         status = r.status if r.status == "ok" else f"{r.status}: {r.note}"
@@ -43,6 +45,7 @@ def results_table(records: list[Any]) -> Table:
     return table
 
 
+@handle_errors()
 def bench(
     model_dir: Annotated[Path, typer.Argument(help="Model folder written by `momkd export`.")],
     patches: Annotated[str, typer.Option("--patches", help="Patches per slide (N), comma-separated.")] = "1000,10000,50000",
@@ -61,38 +64,28 @@ def bench(
 
     Exit code 0: every measurement ran; 1: some failed (see the status column); 2: usage or model error.
     """
-    try:
-        from momkd.runtime.bench import BACKEND_NAMES, DEVICES, PRECISIONS, parse_choices, parse_int_list, run_bench
+    from momkd.runtime.bench import BACKEND_NAMES, DEVICES, PRECISIONS, parse_choices, parse_int_list, run_bench
 
-        options = dict(patches=parse_int_list(patches, "--patches"),
-                       slides_per_pack=parse_int_list(slides_per_pack, "--slides-per-pack"),
-                       backends=parse_choices(backends, "--backends", BACKEND_NAMES),
-                       devices=parse_choices(devices, "--devices", DEVICES),
-                       precisions=parse_choices(precision, "--precision", PRECISIONS))
-        if json_out is not None and json_out.is_dir():
-            raise MomkdError(f"--json {json_out}: is a folder (give a file name)")
+    options: dict[str, Any] = dict(patches=parse_int_list(patches, "--patches"),
+                   slides_per_pack=parse_int_list(slides_per_pack, "--slides-per-pack"),
+                   backends=parse_choices(backends, "--backends", BACKEND_NAMES),
+                   devices=parse_choices(devices, "--devices", DEVICES),
+                   precisions=parse_choices(precision, "--precision", PRECISIONS))
+    if json_out is not None and json_out.is_dir():
+        raise MomkdError(f"--json {json_out}: is a folder (give a file name)")
 
-        def log(message: str) -> None:
-            if not quiet:
-                console.print(message, style="dim", highlight=False, markup=False, soft_wrap=True)
+    def log(message: str) -> None:
+        if not quiet:
+            console.print(message, style="dim", highlight=False, markup=False, soft_wrap=True)
 
-        records = run_bench(model_dir, **options, repeat=repeat, warmup=warmup, max_rows=max_rows, threads=threads,
-                            log=log)
-        if json_out is not None:
-            try:
-                json_out.parent.mkdir(parents=True, exist_ok=True)
-                json_out.write_text(json.dumps([r.to_dict() for r in records], indent=2) + "\n")
-            except OSError as e:
-                raise MomkdError(f"--json {json_out}: cannot be written ({e.strerror or e})") from None
-    except MomkdError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except Exception as e:  # noqa: BLE001 - one line unless a traceback is asked for
-        if os.environ.get("MOMKD_DEBUG"):
-            raise
-        console.print(f"[red]internal error:[/red] {escape(type(e).__name__)}: {escape(' '.join(str(e).split()))} "
-                      "(set MOMKD_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    records = run_bench(model_dir, **options, repeat=repeat, warmup=warmup, max_rows=max_rows, threads=threads,
+                        log=log)
+    if json_out is not None:
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps([r.to_dict() for r in records], indent=2) + "\n")
+        except OSError as e:
+            raise MomkdError(f"--json {json_out}: cannot be written ({e.strerror or e})") from None
     Console(width=max(160, Console().width)).print(results_table(records))
     machine = dict(records[0].machine) if records else {}
     roofline = machine.pop("cpu_fp32_matmul_gflop_per_s", None)

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from momkd.cli.errors import USAGE_ERROR, handle_errors
 from momkd.errors import MomkdError
+from momkd.synth import DIFFICULTIES, KINDS
+
+if TYPE_CHECKING:
+    SynthKind = str
+    SynthDifficulty = str
+else:
+    SynthKind = Literal[KINDS]
+    SynthDifficulty = Literal[tuple(DIFFICULTIES)]
 
 out = Console()
 err = Console(stderr=True)
 
 
+@handle_errors()
 def validate(
     cohort: Annotated[Path, typer.Option("--cohort", help="Cohort CSV: case_id, slide_id, label column.")],
     features: Annotated[Path, typer.Option("--features", help="Folder of per-slide .h5 feature files ({slide_id}.h5).")],
@@ -31,19 +41,15 @@ def validate(
 
     from momkd.data.validate import validate_cohort
 
-    try:
-        with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
-            task = bar.add_task("reading slides", total=None)
-            report = validate_cohort(cohort, features, None if no_omics else omics, label_col, positive, folds=folds,
-                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
-    except MomkdError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("reading slides", total=None)
+        report = validate_cohort(cohort, features, None if no_omics else omics, label_col, positive, folds=folds,
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     if not report.ok:
         for problem in report.problems:
             out.print(str(problem), markup=False, highlight=False, soft_wrap=True)
         err.print(f"[red]{len(report.problems)} problem(s)[/red] in {escape(str(cohort))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        raise typer.Exit(USAGE_ERROR)
 
     s = report.summary
     out.print(f"{cohort}: ok", markup=False, highlight=False, soft_wrap=True)
@@ -61,26 +67,41 @@ def validate(
     out.print(table)
 
 
+@handle_errors(interrupted="{out_dir} is incomplete; rerun the same command to write it again")
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write cohort.csv, features/ and omics.csv into.")],
     cases: Annotated[int, typer.Option(help="Number of cases (about 40 % positive).", min=10)] = 60,
     feature_dim: Annotated[int, typer.Option(help="Patch feature dimension.", min=2)] = 64,
     genes: Annotated[int, typer.Option(help="Number of omics genes.", min=8)] = 200,
     seed: Annotated[int, typer.Option(help="Random seed (the same seed writes the same files).")] = 0,
+    kind: Annotated[SynthKind, typer.Option(help="default: the demo cohort; study: labels from a molecular state, "
+                                                 "a small clustered signal, stain shift, label noise.")] = "default",
+    difficulty: Annotated[SynthDifficulty, typer.Option(help="Signal strength, signal fraction and label noise of "
+                                                             "a --kind study cohort.")] = "medium",
+    patches: Annotated[Optional[tuple[int, int]], typer.Option(help="Patches per slide, range LO HI (default 150 600).",
+                                                               min=1)] = None,
+    slides: Annotated[Optional[tuple[int, int]], typer.Option(help="Slides per case, range LO HI (default 1 2).",
+                                                              min=1)] = None,
 ) -> None:
     """Write a synthetic paired cohort in the real formats (TRIDENT .h5, omics CSV, cohort CSV)."""
     from momkd.synth import make_synthetic_cohort
 
+    ranges: dict[str, Any] = {name: value for name, value in (("patches", patches), ("slides_per_case", slides)) if value is not None}
+    if any(lo > hi for lo, hi in ranges.values()):
+        raise MomkdError("--patches and --slides take a range LO HI with LO <= HI")
     try:
-        made = make_synthetic_cohort(out_dir, cases=cases, feature_dim=feature_dim, genes=genes, seed=seed)
+        made = make_synthetic_cohort(out_dir, cases=cases, feature_dim=feature_dim, genes=genes, seed=seed, kind=kind,
+                                     difficulty=difficulty, **ranges)
     except OSError as e:
-        err.print(f"[red]error:[/red] cannot write to {escape(str(out_dir))}: {escape(str(e.strerror or e))}", highlight=False)
-        raise typer.Exit(2) from None
+        raise MomkdError(f"cannot write to {out_dir}: {e.strerror or e}") from None
     data = " ".join(shlex.quote(str(x)) for x in (
         "--cohort", made.cohort_csv, "--features", made.features_dir, "--omics", made.omics_path,
         "--label-col", made.label_col, "--positive", made.positive))
     out.print(f"cohort table:   {made.cohort_csv}\nslide features: {made.features_dir}\nomics:          {made.omics_path}",
               markup=False, highlight=False, soft_wrap=True)
+    if made.truth_csv is not None:
+        out.print(f"ground truth:   {made.truth_csv}, {made.signal_masks}, {made.patch_tissue}", markup=False,
+                  highlight=False, soft_wrap=True)
     out.print("next:", highlight=False)
     out.print(f"  momkd validate {data}", markup=False, highlight=False, soft_wrap=True)
     out.print(f"  momkd train {data} --out {shlex.quote(str(Path(out_dir) / 'run'))}", markup=False, highlight=False,

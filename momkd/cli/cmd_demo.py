@@ -9,11 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from momkd.cli.errors import handle_errors
 from momkd.errors import MomkdError
 
 console = Console(stderr=True)
 
 
+@handle_errors(interrupted="remove {out} and rerun the same command to start the demo again")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes (must not hold a finished demo).")] = Path("runs/demo"),
     cases: Annotated[int, typer.Option(help="Synthetic training cases.", min=20)] = 60,
@@ -30,44 +32,40 @@ def demo(
     from momkd.train.run import OmicsOptions, train_run
     from momkd.train.setup import build_configs, load_training_data
 
-    try:
-        console.rule("1. synthetic cohorts")
-        train_set = make_synthetic_cohort(out / "data", cases=cases, seed=seed)
-        external = make_synthetic_cohort(out / "external", cases=max(20, cases // 2), seed=seed + 1000)
-        console.print(f"training cohort: {train_set.cohort_csv}\nexternal cohort: {external.cohort_csv}")
+    console.rule("1. synthetic cohorts")
+    train_set = make_synthetic_cohort(out / "data", cases=cases, seed=seed)
+    external = make_synthetic_cohort(out / "external", cases=max(20, cases // 2), seed=seed + 1000)
+    console.print(f"training cohort: {train_set.cohort_csv}\nexternal cohort: {external.cohort_csv}")
 
-        console.rule("2. validate")
-        data = load_training_data(train_set.cohort_csv, train_set.features_dir, train_set.omics_path,
-                                  train_set.label_col, train_set.positive, folds=folds, console=console)
-        console.print(f"{len(data.cohort.cases)} cases, {len(data.slide_paths)} slides, feature dim {data.feature_dim}: ok")
+    console.rule("2. validate")
+    data = load_training_data(train_set.cohort_csv, train_set.features_dir, train_set.omics_path,
+                              train_set.label_col, train_set.positive, folds=folds, console=console)
+    console.print(f"{len(data.cohort.cases)} cases, {len(data.slide_paths)} slides, feature dim {data.feature_dim}: ok")
 
-        summaries = {}
-        for model in ("momkd", "abmil"):
-            console.rule(f"3. train {model} ({folds} folds)")
-            model_cfg, loss_cfg, train_cfg = build_configs("paper", model=model, epochs=epochs, folds=folds, seed=seed,
-                                                           device=device, patience=max(3, epochs // 3))
-            summaries[model] = train_run(data, out / model, model_cfg, loss_cfg, train_cfg, OmicsOptions(n_genes=768),
-                                         "paper", splits_dir=(out / "momkd" / "splits") if model == "abmil" else None,
-                                         console=console)
+    summaries = {}
+    for model in ("momkd", "abmil"):
+        console.rule(f"3. train {model} ({folds} folds)")
+        model_cfg, loss_cfg, train_cfg = build_configs("paper", model=model, epochs=epochs, folds=folds, seed=seed,
+                                                       device=device, patience=max(3, epochs // 3))
+        summaries[model] = train_run(data, out / model, model_cfg, loss_cfg, train_cfg, OmicsOptions(n_genes=768),
+                                     "paper", splits_dir=(out / "momkd" / "splits") if model == "abmil" else None,
+                                     console=console)
 
-        console.rule("4. evaluate on the external cohort (histology only)")
-        ext = load_training_data(external.cohort_csv, external.features_dir, None, external.label_col,
-                                 external.positive, folds=1, console=console)
-        ext_metrics = {m: evaluate_run(out / m, ext, out / f"external_{m}", device=device) for m in summaries}
+    console.rule("4. evaluate on the external cohort (histology only)")
+    ext = load_training_data(external.cohort_csv, external.features_dir, None, external.label_col,
+                             external.positive, folds=1, console=console)
+    ext_metrics = {m: evaluate_run(out / m, ext, out / f"external_{m}", device=device) for m in summaries}
 
-        console.rule("5. export the MoMKD fold ensemble to ONNX")
-        export_run(out / "momkd", out / "model", "onnx",
-                   log=lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True))
+    console.rule("5. export the MoMKD fold ensemble to ONNX")
+    export_run(out / "momkd", out / "model", "onnx",
+               log=lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True))
 
-        console.rule("6. infer the external slide folder with the exported model (ONNX Runtime, no PyTorch)")
-        inferred = run_inference(out / "model", external.features_dir, out / "infer", backend="onnxruntime")
-        console.print(f"{inferred.n_ok} ok, {inferred.n_failed} failed in {inferred.elapsed_s:.1f} s "
-                      f"({inferred.backend}, {inferred.device})")
-        gap = _max_probability_gap(out / "external_momkd" / "predictions.csv", inferred.predictions_path)
-        console.print(f"max |p(infer) - p(evaluate)| over {inferred.n_ok} slides: {gap:.2e}")
-    except MomkdError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+    console.rule("6. infer the external slide folder with the exported model (ONNX Runtime, no PyTorch)")
+    inferred = run_inference(out / "model", external.features_dir, out / "infer", backend="onnxruntime")
+    console.print(f"{inferred.n_ok} ok, {inferred.n_failed} failed in {inferred.elapsed_s:.1f} s "
+                  f"({inferred.backend}, {inferred.device})")
+    gap = _max_probability_gap(out / "external_momkd" / "predictions.csv", inferred.predictions_path)
+    console.print(f"max |p(infer) - p(evaluate)| over {inferred.n_ok} slides: {gap:.2e}")
 
     table = Table(title=f"synthetic cohort, {folds}-fold CV (test, mean ± std) and external cohort (mean of fold models)")
     for col in ("model", "CV AUC", "CV ACC", "CV F1", "external AUC", "external ACC", "external F1"):

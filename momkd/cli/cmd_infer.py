@@ -2,112 +2,78 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from enum import Enum
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from momkd.errors import MomkdError
+from momkd.cli.choices import BackendName, HeatmapValue, ReaderPool
+from momkd.cli.errors import handle_errors
+from momkd.runtime.heatmap_writer import HeatmapOptions
 
 console = Console(stderr=True)
 
-
-class ReaderPool(str, Enum):
-    auto = "auto"
-    threads = "threads"
-    processes = "processes"
+ProgressCallback = Callable[[int, int, int, int], None]  # (done, total, ok, failed) slides
 
 
-class HeatmapValue(str, Enum):
-    attention = "attention"
-    score = "score"
-
-
-class BackendName(str, Enum):
-    auto = "auto"
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-    torch = "torch"
-
-
+@handle_errors(interrupted="finished rows are in {out}/predictions.csv; rerun with --resume to finish")
 def infer(
     model_dir: Annotated[Path, typer.Argument(help="Model folder written by `momkd export` (manifest.json, model.onnx, ...).")],
     folder: Annotated[Path, typer.Argument(help="Folder of per-slide .h5 feature files (TRIDENT or CLAM).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: predictions.csv, run.json, attention/ (never inside FOLDER).")],
-    backend: Annotated[BackendName, typer.Option(help="auto picks TensorRT > onnxruntime-CUDA > torch-CUDA > onnxruntime-CPU.")] = BackendName.auto,
+    backend: Annotated[BackendName, typer.Option(help="auto picks TensorRT > onnxruntime-CUDA > torch-CUDA > onnxruntime-CPU.")] = "auto",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: the best available).")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also look for .h5 files in subfolders.")] = False,
     batch_patches: Annotated[int, typer.Option(help="Row budget of one model call; slides are packed up to it, a larger slide runs alone.", min=1)] = 32_768,
     workers: Annotated[int, typer.Option(help="Readers (read, validate, neighbour table) working ahead of the model.", min=1)] = 2,
-    reader: Annotated[ReaderPool, typer.Option(help="Reader pool: threads, processes (reads scale with cores), or auto (processes when the model runs on a GPU).")] = ReaderPool.auto,
+    reader: Annotated[ReaderPool, typer.Option(help="Reader pool: threads, processes (reads scale with cores), or auto (processes when the model runs on a GPU).")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Keep the ok rows of an earlier run in --out (same model, unchanged file); redo the rest.")] = False,
     save_attention: Annotated[bool, typer.Option("--save-attention", help="Write OUT/attention/{slide_id}.h5 (coords, attention, patch_score).")] = False,
     heatmaps: Annotated[bool, typer.Option("--heatmaps", help="Write OUT/heatmaps/{slide_id}.png for every ok slide (needs matplotlib: momkd[plot]).")] = False,
-    heatmap_value: Annotated[HeatmapValue, typer.Option(help="What --heatmaps paints: the attention, or the patch score (memory affinity).")] = HeatmapValue.attention,
+    heatmap_value: Annotated[HeatmapValue, typer.Option(help="What --heatmaps paints: the attention, or the patch score (memory affinity).")] = "attention",
     slides: Annotated[Optional[Path], typer.Option("--slides", help="Folder of whole-slide images ({slide_id}.svs, .tif, ...): --heatmaps draws on their thumbnails (needs openslide).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no per-slide error lines.")] = False,
 ) -> None:
     """Predict every slide of FOLDER. Exit code 0: all ok; 1: some slides failed (see the error column); 2: usage or model error."""
     from momkd.runtime.pipeline import UsageError, run_inference
 
-    show_progress = not quiet and console.is_terminal
-    bar = None
-    try:
-        if slides is not None and not heatmaps:
-            raise UsageError("--slides is only used with --heatmaps")
-        heatmap_options = None
-        if heatmaps:
-            from momkd.runtime.heatmap_writer import HeatmapOptions
+    if slides is not None and not heatmaps:
+        raise UsageError("--slides is only used with --heatmaps")
+    heatmap_options = HeatmapOptions(value=heatmap_value, slides_dir=slides) if heatmaps else None
 
-            heatmap_options = HeatmapOptions(value=heatmap_value.value, slides_dir=slides)
-        if show_progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    def log(message: str) -> None:
+        if not quiet:
+            from rich.text import Text
 
-            bar = Progress(TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                           TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
-            bar.start()
-            task = bar.add_task("infer", total=None, status="")
+            console.print(Text(message, style="yellow" if message.startswith(("failed:", "heatmap failed:")) else "dim"), soft_wrap=True)
 
-            def progress(done: int, total: int, ok: int, failed: int) -> None:
-                bar.update(task, completed=done, total=total, status=f"[green]{ok} ok[/] [red]{failed} failed[/]")
-        else:
-            progress = None  # type: ignore[assignment]
-
-        def log(message: str) -> None:
-            if not quiet:
-                from rich.text import Text
-
-                console.print(Text(message, style="yellow" if message.startswith(("failed:", "heatmap failed:")) else "dim"), soft_wrap=True)
-
-        summary = run_inference(model_dir, folder, out, backend=backend.value, device=device, recursive=recursive,
+    with _progress_bar(not quiet and console.is_terminal) as progress:
+        summary = run_inference(model_dir, folder, out, backend=backend, device=device, recursive=recursive,
                                 batch_patches=batch_patches, workers=workers, resume=resume,
-                                save_attention=save_attention, progress=progress, log=log, reader=reader.value,
+                                save_attention=save_attention, progress=progress, log=log, reader=reader,
                                 heatmaps=heatmap_options)
-    except MomkdError as e:
-        if bar is not None:
-            bar.stop()
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.stop()
-        console.print(f"interrupted: finished rows are in {out / 'predictions.csv'}; rerun with --resume to finish",
-                      highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
-    except Exception as e:  # noqa: BLE001 - never a traceback for hospital IT unless asked for
-        if bar is not None:
-            bar.stop()
-        if os.environ.get("MOMKD_DEBUG"):
-            raise
-        console.print(f"[red]internal error:[/red] {type(e).__name__}: {' '.join(str(e).split())} "
-                      "(set MOMKD_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    if bar is not None:
-        bar.stop()
     typer.echo(summary.line())
     sys.stdout.flush()
     raise typer.Exit(summary.exit_code)
+
+
+@contextmanager
+def _progress_bar(show: bool) -> Iterator[ProgressCallback | None]:
+    """A live bar of the slides done while the block runs (``None``: no bar); gone before any error is printed."""
+    if not show:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("infer", total=None, status="")
+
+        def progress(done: int, total: int, ok: int, failed: int) -> None:
+            bar.update(task, completed=done, total=total, status=f"[green]{ok} ok[/] [red]{failed} failed[/]")
+
+        yield progress

@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from momkd.errors import MomkdError
+from momkd.cli.choices import GatImpl, MemoryUpdate, ModelName, Preset
+from momkd.cli.errors import handle_errors
 
 console = Console(stderr=True)
-
-
-class Preset(str, Enum):
-    paper = "paper"
-    official = "official"
-
-
-class ModelName(str, Enum):
-    momkd = "momkd"
-    abmil = "abmil"
-
-
-class MemoryUpdate(str, Enum):
-    gradient = "gradient"
-    ema = "ema"
-    fixed = "fixed"
-
-
-class GatImpl(str, Enum):
-    dense = "dense"
-    pyg = "pyg"
-
 
 CohortOpt = Annotated[Path, typer.Option("--cohort", help="Cohort CSV: case_id, slide_id, label column.", exists=True, dir_okay=False)]
 FeaturesOpt = Annotated[Path, typer.Option("--features", help="Folder of per-slide .h5 feature files.", exists=True, file_okay=False)]
@@ -42,6 +20,7 @@ PositiveOpt = Annotated[str, typer.Option("--positive", help="Label value that c
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 
 
+@handle_errors(interrupted="{out} has no finished run; rerun the same command to train from the start")
 def train(
     cohort: CohortOpt,
     features: FeaturesOpt,
@@ -51,8 +30,8 @@ def train(
     omics: Annotated[Optional[Path], typer.Option("--omics", help="Omics: folder of per-case .npy or a CSV/TSV matrix with case_id.", exists=True)] = None,
     folds: Annotated[int, typer.Option(help="Cross-validation folds (train/val/test 7:1:2 per fold for 5).", min=2)] = 5,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs per fold (default 50).", min=1)] = None,
-    preset: Annotated[Preset, typer.Option(help="paper: the paper's settings; official: the authors' released code.")] = Preset.paper,
-    model: Annotated[ModelName, typer.Option(help="momkd, or the histology-only ABMIL baseline.")] = ModelName.momkd,
+    preset: Annotated[Preset, typer.Option(help="paper: the paper's settings; official: the authors' released code.")] = "paper",
+    model: Annotated[ModelName, typer.Option(help="momkd, or the histology-only ABMIL baseline.")] = "momkd",
     seed: Annotated[int, typer.Option(help="Random seed (splits, initialisation, sampling).")] = 0,
     device: DeviceOpt = "auto",
     memory_size: Annotated[Optional[int], typer.Option(help="Codes per class memory bank (default 16).", min=1)] = None,
@@ -69,36 +48,32 @@ def train(
     splits: Annotated[Optional[Path], typer.Option(help="Reuse the splits folder of an earlier run.", exists=True, file_okay=False)] = None,
     patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs (default 10).", min=1)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 2e-4).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Empty --out first when it holds an earlier (or killed) momkd run.")] = False,
 ) -> None:
     """Train MoMKD (or ABMIL) with cross-validation. Validates the whole cohort first and refuses bad data."""
     from momkd.train.setup import build_configs, load_training_data
     from momkd.train.run import OmicsOptions, train_run
 
-    try:
-        model_cfg, loss_cfg, train_cfg = build_configs(
-            preset.value, model=model.value, epochs=epochs, folds=folds, seed=seed, device=device,
-            memory_size=memory_size, memory_update=memory_update.value if memory_update else None,
-            ema_momentum=ema_momentum, alpha_omics=alpha_omics, alpha_wsi=alpha_wsi, no_recon=no_recon,
-            gat_impl=gat_impl.value if gat_impl else None, patience=patience, lr=lr,
-        )
-        data = load_training_data(cohort, features, omics if model == ModelName.momkd else None, label_col, positive,
-                                  folds=folds, console=console)
-        gene_list = [g.strip() for g in genes.read_text().splitlines() if g.strip()] if genes else None
-        summary = train_run(data, out, model_cfg, loss_cfg, train_cfg,
-                            OmicsOptions(log2=not (no_log2 or omics_raw), n_genes=n_genes, genes=gene_list, raw=omics_raw),
-                            preset.value,
-                            splits_dir=splits, console=console)
-    except MomkdError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+    model_cfg, loss_cfg, train_cfg = build_configs(
+        preset, model=model, epochs=epochs, folds=folds, seed=seed, device=device, memory_size=memory_size,
+        memory_update=memory_update, ema_momentum=ema_momentum, alpha_omics=alpha_omics, alpha_wsi=alpha_wsi,
+        no_recon=no_recon, gat_impl=gat_impl, patience=patience, lr=lr,
+    )
+    data = load_training_data(cohort, features, omics if model == "momkd" else None, label_col, positive,
+                              folds=folds, console=console)
+    gene_list = [g.strip() for g in genes.read_text().splitlines() if g.strip()] if genes else None
+    summary = train_run(data, out, model_cfg, loss_cfg, train_cfg,
+                        OmicsOptions(log2=not (no_log2 or omics_raw), n_genes=n_genes, genes=gene_list, raw=omics_raw),
+                        preset, splits_dir=splits, console=console, overwrite=overwrite)
     m, s, ms, ss = summary["mean"], summary["std"], summary["mean_slide"], summary["std_slide"]
-    console.print(f"[bold]{model.value}[/bold] test per case: AUC {m['auc']:.3f} ± {s['auc']:.3f}, "
+    console.print(f"[bold]{model}[/bold] test per case: AUC {m['auc']:.3f} ± {s['auc']:.3f}, "
                   f"ACC {m['acc']:.3f} ± {s['acc']:.3f}, F1 {m['f1']:.3f} ± {s['f1']:.3f}, "
                   f"macro-F1 {m['f1_macro']:.3f} ± {s['f1_macro']:.3f}; per slide (paper Table 1): "
                   f"AUC {ms['auc']:.3f} ± {ss['auc']:.3f}, ACC {ms['acc']:.3f} ± {ss['acc']:.3f}, "
                   f"macro-F1 {ms['f1_macro']:.3f} ± {ss['f1_macro']:.3f} → {out}/summary.md")
 
 
+@handle_errors()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished `momkd train` run folder.", exists=True, file_okay=False)],
     cohort: CohortOpt,
@@ -112,12 +87,8 @@ def evaluate(
     from momkd.evaluate import evaluate_run
     from momkd.train.setup import load_training_data
 
-    try:
-        data = load_training_data(cohort, features, None, label_col, positive, folds=1, console=console)
-        metrics = evaluate_run(run_dir, data, out, device=device)
-    except MomkdError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+    data = load_training_data(cohort, features, None, label_col, positive, folds=1, console=console)
+    metrics = evaluate_run(run_dir, data, out, device=device)
     mm = metrics["mean_model"]
     sl = mm["slide"]
     console.print(f"mean of {len(metrics['folds'])} fold models, per case: AUC {mm['auc']:.3f}, ACC {mm['acc']:.3f}, "

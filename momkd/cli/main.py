@@ -1,5 +1,6 @@
-"""The ``momkd`` command. Each command's body lives in ``cli/cmd_*.py`` and imports heavy code lazily,
-so ``momkd --help`` is instant and never imports PyTorch."""
+"""The ``momkd`` command. Each command's body lives in ``momkd/cli/cmd_*.py`` and imports heavy code lazily,
+so ``momkd --help`` is instant and never imports PyTorch. Every command ends on an error as
+:mod:`momkd.cli.errors` says (one line, exit 2 / 130 / 1); its choice options come from :mod:`momkd.cli.choices`."""
 
 from __future__ import annotations
 

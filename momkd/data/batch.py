@@ -27,8 +27,10 @@ import numpy as np
 
 INPUT_NAMES = ("features", "neighbors", "slide_offsets")
 OUTPUT_NAMES = ("probability", "logits", "attention", "patch_score")
-INPUT_SHAPES = {"features": ["N", "D"], "neighbors": ["N", "W"], "slide_offsets": ["B+1"]}
-OUTPUT_SHAPES = {"probability": ["B"], "logits": ["B", 2], "attention": ["N"], "patch_score": ["N"]}
+INPUT_SHAPES: dict[str, list[str | int]] = {
+    "features": ["N", "D"], "neighbors": ["N", "W"], "slide_offsets": ["B+1"]}
+OUTPUT_SHAPES: dict[str, list[str | int]] = {
+    "probability": ["B"], "logits": ["B", 2], "attention": ["N"], "patch_score": ["N"]}
 PER_SLIDE_OUTPUTS = tuple(name for name, shape in OUTPUT_SHAPES.items() if shape[0] == "B")
 
 
@@ -195,7 +197,7 @@ def split_outputs(pack: Pack, outputs: dict[str, np.ndarray]) -> list[dict[str, 
 
 def check_output_shapes(outputs: dict[str, np.ndarray], pack: Pack, names: Sequence[str]) -> str | None:
     """The first contract violation of ``outputs`` for ``pack`` among ``names`` (None when all hold)."""
-    sizes = {"B": pack.n_slides, "N": pack.rows}
+    sizes: dict[str | int, str | int] = {"B": pack.n_slides, "N": pack.rows}
     for name in names:
         arr = outputs.get(name)
         if arr is None:

@@ -82,7 +82,7 @@ def _load_npy_folder(folder: Path) -> OmicsTable:
     files = sorted(folder.glob("*.npy"))
     if not files:
         raise OmicsError(f"{folder}: no .npy files in the omics folder")
-    vectors = []
+    vectors: list[np.ndarray] = []
     for f in files:
         try:
             v = np.load(f, allow_pickle=False)
@@ -192,8 +192,8 @@ class OmicsTransform:
     @property
     def n_features(self) -> int:
         """Length of each transformed vector (the model's omics input size)."""
-        self._require_fitted()
-        return len(self.selected)
+        selected, _, _ = self._require_fitted()
+        return len(selected)
 
     def fit(self, table: OmicsTable, case_ids: Sequence[str]) -> OmicsTransform:
         """Fit selection and scaling on ``case_ids`` only (no other row of ``table`` is looked at)."""
@@ -218,9 +218,9 @@ class OmicsTransform:
 
     def transform(self, table: OmicsTable, case_ids: Sequence[str]) -> np.ndarray:
         """(len(case_ids), n_features) float32 model input for these cases (rows in the given order)."""
-        self._require_fitted()
-        x = self._prepare(table, case_ids, self._columns(table, self.selected, "fitted transform"))
-        return ((x - self.mean) / self.std).astype(np.float32)
+        selected, mean, std = self._require_fitted()
+        x = self._prepare(table, case_ids, self._columns(table, selected, "fitted transform"))
+        return ((x - mean) / std).astype(np.float32)
 
     def _prepare(self, table: OmicsTable, case_ids: Sequence[str], columns: np.ndarray) -> np.ndarray:
         """Raw values of these cases and columns as float64, log2(x + 1)-transformed when ``log2``."""
@@ -247,13 +247,15 @@ class OmicsTransform:
             raise OmicsError(f"the {what} repeats gene(s) {preview(repeated)}")
         return np.array([index[g] for g in genes], dtype=np.int64)
 
-    def _require_fitted(self) -> None:
-        if not self.fitted:
+    def _require_fitted(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The fitted (selected, mean, std); OmicsError when the transform is not fitted."""
+        if self.selected is None or self.mean is None or self.std is None:
             raise OmicsError("the omics transform is not fitted")
+        return self.selected, self.mean, self.std
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready state; floats are written exactly (float64 repr round-trips)."""
-        self._require_fitted()
+        selected, mean, std = self._require_fitted()
         return {
             "format": _FORMAT,
             "version": _VERSION,
@@ -261,9 +263,9 @@ class OmicsTransform:
             "raw": self.raw,
             "n_genes": self.n_genes,
             "genes": self.genes,
-            "selected": self.selected,
-            "mean": [float(v) for v in self.mean],
-            "std": [float(v) for v in self.std],
+            "selected": selected,
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
             "n_fit_cases": self.n_fit_cases,
         }
 

@@ -252,7 +252,7 @@ def _read_row_chunks(ds: h5py.Dataset) -> np.ndarray | None:
     if (starts < 0).any():   # a chunk never written (fill value): let HDF5 handle it
         return None
     out = np.empty((n, d), dtype=ds.dtype)
-    buffer = memoryview(out.reshape(-1).view(np.uint8))
+    buffer = out.reshape(-1).view(np.uint8).data   # a memoryview of out's bytes
     chunk_bytes = rows * d * ds.dtype.itemsize
     breaks = np.flatnonzero(np.diff(addresses) != chunk_bytes) + 1
     with open(h5.filename, "rb", buffering=0) as f:
@@ -281,9 +281,9 @@ def _attrs(h5: h5py.File, features: h5py.Dataset, coords: h5py.Dataset) -> Slide
     patch = _number(geometry, "patch_size")
     level0_mag = _number(geometry, "level0_magnification")
     magnification = _number(geometry, "target_magnification")
-    if magnification is None and None not in (level0_mag, patch, patch_level0):
+    if magnification is None and level0_mag is not None and patch is not None and patch_level0 is not None:
         magnification = level0_mag * patch / patch_level0
-    if patch_level0 is None and None not in (patch, level0_mag, magnification):
+    if patch_level0 is None and patch is not None and level0_mag is not None and magnification is not None:
         patch_level0 = patch * level0_mag / magnification
     encoder = _text((features.attrs, h5.attrs, coords.attrs), "encoder")
     return SlideAttrs(

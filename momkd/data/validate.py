@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +154,7 @@ def validate_cohort(
     return CohortReport(problems=problems, summary=summary, cohort=cohort, slide_paths=slide_paths, omics=omics)
 
 
-def _majority(values: dict[str, Hashable]) -> tuple[Any, dict[str, Any]]:
+def _majority(values: Mapping[str, Hashable]) -> tuple[Any, dict[str, Any]]:
     """(most common value, ties to the first seen; the entries that differ from it)."""
     if not values:
         return None, {}

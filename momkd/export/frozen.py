@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from momkd.errors import RunFolderError
+
+if TYPE_CHECKING:
+    from momkd.models.abmil import ABMIL
+    from momkd.models.momkd import MoMKD
 
 
 
@@ -45,15 +49,18 @@ class FrozenEnsemble(nn.Module):
     def train(self, mode: bool = True) -> "FrozenEnsemble":  # noqa: D401 - frozen: dropout never comes back
         return super().train(False)
 
-    def forward(self, features: Tensor, neighbors: Tensor, slide_offsets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, features: Tensor, neighbors: Tensor, slide_offsets: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         probability = logits = attention = patch_score = None
         for model in self.models:
-            out = model.forward_wsi(features, neighbors, slide_offsets)
+            out = cast("MoMKD | ABMIL", model).forward_wsi(features, neighbors, slide_offsets)
             p = torch.softmax(out.logits, dim=-1)[:, 1]
             probability = p if probability is None else probability + p
             logits = out.logits if logits is None else logits + out.logits
             attention = out.attention if attention is None else attention + out.attention
             patch_score = out.patch_score if patch_score is None else patch_score + out.patch_score
+        if probability is None or logits is None or attention is None or patch_score is None:
+            raise ValueError("FrozenEnsemble needs at least one model")   # as __init__ checks
         n = float(len(self.models))
         if n == 1.0:
             return probability, logits, attention, patch_score
@@ -90,7 +97,8 @@ class MixedFp16(nn.Module):
     def train(self, mode: bool = True) -> "MixedFp16":
         return super().train(False)
 
-    def forward(self, features: Tensor, neighbors: Tensor, slide_offsets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, features: Tensor, neighbors: Tensor, slide_offsets: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         with Fp16Linear():
             return self.module(features, neighbors, slide_offsets)
 

@@ -160,7 +160,7 @@ def _fold_weights(model: Any) -> Any:
 
 def _name_dims(model: Any, feature_dim: int) -> None:
     """Give the graph's I/O dimensions the names the manifest uses (the exporter writes ``B_plus_1 - 1``)."""
-    wanted = {**INPUT_SHAPES, "features": ["N", feature_dim], **OUTPUT_SHAPES}
+    wanted: dict[str, list[str | int]] = {**INPUT_SHAPES, "features": ["N", feature_dim], **OUTPUT_SHAPES}
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         for dim, want in zip(dims, wanted.get(value.name, [])):
@@ -205,7 +205,8 @@ def check_graph(path: str | Path, feature_dim: int | None = None) -> dict[str, A
         raise ExportError(f"{path}: exported graph does not pass the ONNX checker ({_one_line(e)})") from None
     external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
-        raise ExportError(f"{path}: {len(external)} initializer(s) stored as external data; model.onnx must be one file")
+        raise ExportError(f"{path}: {len(external)} initializer(s) stored as external data; "
+                          "model.onnx must be one file")
     ops = graph_ops(model)
     bad = sorted(set(ops) & FORBIDDEN_OPS)
     if bad:

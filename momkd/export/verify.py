@@ -56,7 +56,8 @@ def _slide_path(features_dir: Path, slide_id: str) -> Path | None:
     return None
 
 
-def candidate_slides(run_dir: Path, config: dict[str, Any], folds: Sequence[int]) -> tuple[list[tuple[str, Path, str]], str, list[str]]:
+def candidate_slides(run_dir: Path, config: dict[str, Any], folds: Sequence[int]
+                     ) -> tuple[list[tuple[str, Path, str]], str, list[str]]:
     """Slides to verify on, best first: ``([(slide_id, path, note)], source, warnings)``.
 
     ``source`` is ``"test_split"`` (test slides of the exported folds), ``"cohort"`` (any slide of the cohort's
@@ -120,7 +121,8 @@ def candidate_slides(run_dir: Path, config: dict[str, Any], folds: Sequence[int]
 
 def load_verification_slides(run_dir: Path, config: dict[str, Any], folds: Sequence[int], feature_dim: int, k: int,
                              direction: str, max_slides: int = DEFAULT_MAX_SLIDES,
-                             max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0) -> tuple[list[GraphSlide], str, list[str]]:
+                             max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0
+                             ) -> tuple[list[GraphSlide], str, list[str]]:
     """Read up to ``max_slides`` held-out slides (``max_rows`` rows in all; a bigger slide is cropped to its
     first rows), add the edge-case crops, and fall back to synthetic slides when the data is gone."""
     from momkd.errors import SlideError
@@ -180,7 +182,8 @@ def synthetic_slides(feature_dim: int, k: int, direction: str, seed: int = 0,
 
 
 # --------------------------------------------------------------------------- running and comparing
-def torch_outputs(module: Any, features: np.ndarray, neighbors: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+def torch_outputs(module: Any, features: np.ndarray, neighbors: np.ndarray, offsets: np.ndarray
+                  ) -> dict[str, np.ndarray]:
     import torch
 
     with torch.no_grad():
@@ -190,14 +193,16 @@ def torch_outputs(module: Any, features: np.ndarray, neighbors: np.ndarray, offs
     return {k: v.detach().float().numpy() for k, v in zip(OUTPUT_NAMES, out)}
 
 
-def onnx_outputs(path: Path, features: np.ndarray, neighbors: np.ndarray, offsets: np.ndarray) -> tuple[dict[str, np.ndarray], str]:
+def onnx_outputs(path: Path, features: np.ndarray, neighbors: np.ndarray, offsets: np.ndarray
+                 ) -> tuple[dict[str, np.ndarray], str]:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-        values = session.run(list(OUTPUT_NAMES), {"features": features, "neighbors": neighbors, "slide_offsets": offsets})
+        values = session.run(list(OUTPUT_NAMES),
+                             {"features": features, "neighbors": neighbors, "slide_offsets": offsets})
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         msg = " ".join(str(e).split())[:240]
         raise ExportVerificationError(f"onnxruntime {ort.__version__} cannot run the exported model ({msg}); "
@@ -276,7 +281,8 @@ def verify_export(reference_module: Any, onnx_path: Path, torchscript_path: Path
             ts = torch.jit.load(str(torchscript_path), map_location="cpu").eval()
         ts_check = compare(reference, torch_outputs(ts, features, neighbors, offsets), threshold)
         ts_check["tolerance_probability"] = TORCHSCRIPT_TOLERANCE
-        ts_check["passed"] = bool(ts_check["finite"] and ts_check["max_abs_diff"]["probability"] <= TORCHSCRIPT_TOLERANCE)
+        ts_check["passed"] = bool(ts_check["finite"]
+                                  and ts_check["max_abs_diff"]["probability"] <= TORCHSCRIPT_TOLERANCE)
         result["torch"] = ts_check
         if not ts_check["passed"]:
             raise ExportVerificationError(

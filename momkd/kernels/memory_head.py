@@ -31,6 +31,8 @@ it is used.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -250,7 +252,7 @@ def fused_memory_head(embeddings: Tensor, weight: Tensor, bias: Tensor, codes_po
     grid_blocks = triton.cdiv(n, block_n) + n_slides  # upper bound: each slide adds at most one partial block
     block_slide = torch.searchsorted(cum, torch.arange(grid_blocks, device=device), right=True)
 
-    f32 = dict(dtype=torch.float32, device=device)
+    f32: dict[str, Any] = dict(dtype=torch.float32, device=device)
     score = torch.empty(n, **f32)
     attention = torch.empty(n, **f32)
     pooled = torch.empty(n_slides, dim, **f32)

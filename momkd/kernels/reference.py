@@ -21,7 +21,8 @@ from torch import Tensor
 
 def membership(slide_offsets: Tensor, n: int | Tensor, device: torch.device | None = None) -> Tensor:
     """(B, N) bool: ``member[b, i]`` is True when row ``i`` belongs to slide ``b``."""
-    rows = torch.arange(n, device=device if device is not None else slide_offsets.device)
+    # torch.arange takes a 0-dim tensor too (a traced row count); its stubs say a Python number only
+    rows = torch.arange(n, device=device if device is not None else slide_offsets.device)  # type: ignore[arg-type]
     offsets = slide_offsets.to(rows.device).long()
     return (rows.unsqueeze(0) >= offsets[:-1].unsqueeze(1)) & (rows.unsqueeze(0) < offsets[1:].unsqueeze(1))
 

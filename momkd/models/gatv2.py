@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,8 @@ from torch import Tensor, nn
 EXPORT_ROW_BLOCKS = 4  # row blocks of the traced (exported) attention: bounds the runtime's peak memory
 
 
-class NeighborPlan(NamedTuple):
+@dataclass(frozen=True)
+class NeighborPlan:
     """Gather plan shared by every GATv2 layer of one forward pass."""
 
     index: Tensor  # (N, W+1) int64: column 0 is the row itself, then the neighbours (-1 replaced by 0)

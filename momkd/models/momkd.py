@@ -92,6 +92,8 @@ class MoMKD(nn.Module):
         self.head = MemoryAttentionHead(cfg.dim, cfg.proj_dim, cfg.tau, cfg.learnable_tau, cfg.tau_min, cfg.tau_max)
         self.classifier = make_classifier(cfg)
         self.slide_proj = nn.Linear(cfg.dim, cfg.proj_dim) if cfg.separate_slide_proj else None
+        self.omics: OmicsAutoencoder | None
+        self.omics_proj: nn.Linear | None
         if omics_dim > 0:
             self.omics = OmicsAutoencoder(omics_dim, cfg.omics_hidden, cfg.dim, cfg.omics_dropout, cfg.omics_layout)
             self.omics_proj = nn.Linear(cfg.dim, cfg.proj_dim)

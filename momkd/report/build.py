@@ -77,7 +77,8 @@ def _memory_sections(run: RunRecord, out_dir: Path, top_k: int, slides_dir: Path
     try:
         from .memory_codes import features_folder, hits_csv, top_patches
     except ImportError as e:
-        blocks.append(Paragraph(f"Left out: computing the codes' patches needs PyTorch (pip install momkd[train]): {e}"))
+        blocks.append(Paragraph(
+            f"Left out: computing the codes' patches needs PyTorch (pip install momkd[train]): {e}"))
         return blocks
     scan = top_patches(run, top_k, device, log)
     if scan.hits:
@@ -86,10 +87,10 @@ def _memory_sections(run: RunRecord, out_dir: Path, top_k: int, slides_dir: Path
             f"For every fold, memory bank and code: the {top_k} patches of the fold's test slides whose projection "
             f"F_P-wsi is most similar (cosine) to the code, computed with the fold's checkpoint. Each cell: slide "
             f"(level-0 x, y) similarity. All hits, with the slide labels: {CODES_CSV}."))
-        if slides_dir is not None:
+        if slides_dir is not None and (features_dir := features_folder(run)) is not None:   # hits need features
             from .crops import crop_montages
 
-            montages, crop_notes = crop_montages(scan.hits, slides_dir, features_folder(run), fig_dir,
+            montages, crop_notes = crop_montages(scan.hits, slides_dir, features_dir, fig_dir,
                                                  run.class_names, log)
             blocks += [Figure(p.relative_to(out_dir).as_posix(), caption) for caption, p in montages]
             scan.notes.extend(crop_notes)
@@ -151,8 +152,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path, *, compare: Sequence[
         blocks += _memory_sections(run, out, top_k, Path(slides_dir) if slides_dir else None, device, log)
     else:
         blocks += [Heading("Memory"),
-                   Paragraph(f"This run's model is {run.model}: it has no class memory, so there are no memory dynamics "
-                             "(Fig. 3) and no memory-code patches (Fig. 4).")]
+                   Paragraph(f"This run's model is {run.model}: it has no class memory, so there are no memory "
+                             "dynamics (Fig. 3) and no memory-code patches (Fig. 4).")]
     (out / REPORT_MD).write_text(to_markdown(blocks), encoding="utf-8")
     if html:
         (out / REPORT_HTML).write_text(to_html(blocks, f"momkd report: {run.name}", out), encoding="utf-8")

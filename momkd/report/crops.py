@@ -61,8 +61,8 @@ def crop_montages(hits: list[CodeHit], slides_dir: Path, features_dir: Path, out
     written = []
     try:
         key = lambda h: (h.fold, h.bank)  # noqa: E731
-        for (fold, bank), group in groupby(sorted(hits, key=key), key=key):
-            group = sorted(group, key=lambda h: (h.code, h.rank))
+        for (fold, bank), fold_bank in groupby(sorted(hits, key=key), key=key):
+            group = sorted(fold_bank, key=lambda h: (h.code, h.rank))
             n_codes, k = max(h.code for h in group) + 1, max(h.rank for h in group)
             log(f"crops: fold {fold}, {bank} bank")
             fig = Figure(figsize=(max(4.8, 1.25 * k + 0.6), 1.35 * n_codes + 0.5), layout="constrained")

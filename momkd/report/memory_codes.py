@@ -13,6 +13,7 @@ import io
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -23,7 +24,10 @@ from momkd.train.data import SlideStore
 from momkd.train.fit import resolve_device
 from momkd.train.predict import slide_tensors
 
-from momkd.train.runfolder import FoldRecord, RunRecord
+from momkd.train.runfolder import FoldRecord, HeldOutPredictions, RunRecord
+
+if TYPE_CHECKING:
+    from momkd.models.momkd import MoMKD
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,13 @@ def features_folder(run: RunRecord) -> Path | None:
 
 
 @torch.no_grad()
-def _scan_fold(fold: FoldRecord, features_dir: Path, top_k: int, device: torch.device,
+def _scan_fold(fold: FoldRecord, test: HeldOutPredictions, features_dir: Path, top_k: int, device: torch.device,
                notes: list[str]) -> list[CodeHit]:
-    model, meta = load_checkpoint(fold.path, device)
+    module, meta = load_checkpoint(fold.path, device)
+    model = cast("MoMKD", module)   # a run with memory codes is a MoMKD run
     codes_neg, codes_pos = model.memory.normalized()
     cfg = meta["model_config"]
-    items = fold.test.items
+    items = test.items
     paths = {it.slide_id: features_dir / f"{it.slide_id}.h5" for it in items}
     store = SlideStore(paths, k=cfg["k"], direction=cfg["graph_direction"], expected_dim=meta["in_dim"], cache_bytes=0)
     banks = {"positive": codes_pos, "negative": codes_neg}
@@ -74,9 +79,10 @@ def _scan_fold(fold: FoldRecord, features_dir: Path, top_k: int, device: torch.d
         features, neighbors = slide_tensors(graph, device)
         offsets = torch.tensor([0, features.shape[0]], device=device)
         proj = model.forward_wsi(features, neighbors, offsets).patch_proj
+        assert proj is not None and graph.coords is not None   # MoMKD projects patches; the store keeps coords
         for bank, codes in banks.items():
-            top, rows = (proj @ codes.t()).topk(min(top_k, proj.shape[0]), dim=0)   # (k_s, n) each
-            rows = rows.cpu().numpy()
+            top, top_rows = (proj @ codes.t()).topk(min(top_k, proj.shape[0]), dim=0)   # (k_s, n) each
+            rows = top_rows.cpu().numpy()
             xy = graph.coords[rows]                                               # (k_s, n, 2)
             values[bank].append(top.cpu())
             where[bank].append(np.concatenate([np.full(rows.shape + (1,), i), xy], axis=-1))
@@ -110,7 +116,7 @@ def top_patches(run: RunRecord, top_k: int, device: str = "auto",
             notes.append(f"fold {fold.fold}: no test_predictions.csv; left out")
             continue
         log(f"memory codes: fold {fold.fold} ({len(fold.test.items)} test slides)")
-        hits += _scan_fold(fold, features_dir, top_k, torch_device, notes)
+        hits += _scan_fold(fold, fold.test, features_dir, top_k, torch_device, notes)
     return CodeScan(hits, notes)
 
 

@@ -189,7 +189,7 @@ class OnnxRuntimeBackend:
         return dict(zip(self.output_names, values))
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        self.session = None
 
 
 # --------------------------------------------------------------------------- tensorrt
@@ -226,7 +226,7 @@ class _DeviceAPI:
         try:
             from cuda.bindings import runtime as rt  # cuda-python >= 12.6
         except ImportError:
-            from cuda import cudart as rt  # type: ignore[no-redef]
+            from cuda import cudart as rt
         self._rt = rt
         self._ok(rt.cudaSetDevice(self.index))
         self.stream = self._ok(rt.cudaStreamCreate())
@@ -239,8 +239,10 @@ class _DeviceAPI:
 
         self.malloc = malloc
         self.free = lambda buf: rt.cudaFree(buf.handle)
-        self.htod = lambda buf, arr: self._ok(rt.cudaMemcpyAsync(buf.ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream))
-        self.dtoh = lambda arr, buf: self._ok(rt.cudaMemcpyAsync(arr.ctypes.data, buf.ptr, arr.nbytes, d2h, self.stream))
+        self.htod = lambda buf, arr: self._ok(
+            rt.cudaMemcpyAsync(buf.ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream))
+        self.dtoh = lambda arr, buf: self._ok(
+            rt.cudaMemcpyAsync(arr.ctypes.data, buf.ptr, arr.nbytes, d2h, self.stream))
         self.synchronize = lambda: self._ok(rt.cudaStreamSynchronize(self.stream))
 
     def _ok(self, result: Any) -> Any:
@@ -263,7 +265,8 @@ class _DeviceAPI:
 
         self.malloc = malloc
         self.free = lambda buf: None  # freed when the MemoryPointer is dropped
-        self.htod = lambda buf, arr: buf.handle.copy_from_host_async(ctypes.c_void_p(arr.ctypes.data), arr.nbytes, stream)
+        self.htod = lambda buf, arr: buf.handle.copy_from_host_async(
+            ctypes.c_void_p(arr.ctypes.data), arr.nbytes, stream)
         self.dtoh = lambda arr, buf: buf.handle.copy_to_host_async(ctypes.c_void_p(arr.ctypes.data), arr.nbytes, stream)
         self.synchronize = stream.synchronize
 
@@ -337,9 +340,9 @@ class TensorRTBackend:
         _, _, fmax = engine.get_tensor_profile_shape("features", 0)
         _, _, nmax = engine.get_tensor_profile_shape("neighbors", 0)
         _, _, omax = engine.get_tensor_profile_shape("slide_offsets", 0)
-        self.max_rows = int(fmax[0])
+        self.max_rows: int | None = int(fmax[0])
         self.max_width = int(nmax[1])
-        self.max_slides = int(omax[0]) - 1
+        self.max_slides: int | None = int(omax[0]) - 1
         self._buffers: dict[str, _DeviceBuffer] = {}
         self.device = f"cuda:{index}" if index else "cuda"
         self.detail = f"TensorRT {getattr(trt, '__version__', '')} via {getattr(self._api, 'kind', 'custom')}".strip()
@@ -470,68 +473,79 @@ def select_backend(name: str, device: str | None, manifest: Any,
         raise BackendError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     kind, index = parse_device(device)
     dev = "cpu" if kind == "cpu" else (f"cuda:{index}" if index else "cuda")
-    feature_dim = manifest.model.feature_dim
     say = log or (lambda _msg: None)
+    if name != "auto":
+        return _named_backend(name, kind, dev, manifest, threads, say)
+    if kind != "cpu":
+        reasons: list[str] = []
+        backend = _cuda_backend(dev, manifest, threads, reasons)
+        if backend is not None:
+            return backend
+        if kind == "cuda":
+            raise BackendError("--device cuda: no CUDA backend is usable (" + "; ".join(reasons) + ")")
+        say("note: backend auto: " + "; ".join(reasons) + " -> onnxruntime on CPU")
+    return OnnxRuntimeBackend(manifest.onnx_path, "cpu", threads, manifest.model.feature_dim)
 
+
+def _named_backend(name: str, kind: str | None, dev: str, manifest: Any, threads: int | None,
+                   say: Callable[[str], None]) -> Backend:
+    """The backend the user named (device ``kind`` None: its best device)."""
     if name == "onnxruntime":
         if kind is None:
             import onnxruntime as ort
 
             if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_driver_present():
                 try:
-                    return OnnxRuntimeBackend(manifest.onnx_path, "cuda", threads, feature_dim)
+                    return OnnxRuntimeBackend(manifest.onnx_path, "cuda", threads, manifest.model.feature_dim)
                 except BackendError as e:
                     say(f"note: onnxruntime CUDA not usable ({e}); running on CPU")
             dev = "cpu"
-        return OnnxRuntimeBackend(manifest.onnx_path, dev, threads, feature_dim)
+        return OnnxRuntimeBackend(manifest.onnx_path, dev, threads, manifest.model.feature_dim)
     if name == "tensorrt":
         if manifest.tensorrt is None:
             raise BackendError(f"{manifest.root}: the model folder has no TensorRT engine "
                                "(export with --format trt, or use --backend onnxruntime)")
         return TensorRTBackend(manifest.tensorrt_path, "cuda" if kind is None else dev)
-    if name == "torch":
-        if manifest.torch is None:
-            raise BackendError(f"{manifest.root}: the model folder has no TorchScript model (manifest 'torch' is "
-                               "null); use --backend onnxruntime")
-        return TorchBackend(manifest.torch_path, None if kind is None else dev, threads)
+    if manifest.torch is None:
+        raise BackendError(f"{manifest.root}: the model folder has no TorchScript model (manifest 'torch' is "
+                           "null); use --backend onnxruntime")
+    return TorchBackend(manifest.torch_path, None if kind is None else dev, threads)
 
-    # auto
-    if kind != "cpu":
-        reasons = []
-        if manifest.tensorrt is None:
-            reasons.append("tensorrt: no engine in the model folder")
-        elif not importable("tensorrt"):
-            reasons.append("tensorrt: package not installed")
-        elif not _cuda_driver_present():
-            reasons.append("tensorrt: no NVIDIA driver")
-        else:
-            try:
-                return TensorRTBackend(manifest.tensorrt_path, dev)
-            except MomkdError as e:
-                reasons.append(f"tensorrt: {e}")
-        import onnxruntime as ort
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            reasons.append("onnxruntime: no CUDA execution provider")
-        elif not _cuda_driver_present():
-            reasons.append("onnxruntime: no NVIDIA driver")
-        else:
-            try:
-                return OnnxRuntimeBackend(manifest.onnx_path, dev, threads, feature_dim)
-            except BackendError as e:
-                reasons.append(f"onnxruntime-cuda: {e}")
-        if manifest.torch is None:
-            reasons.append("torch: no TorchScript model in the model folder")
-        elif not torch_importable():
-            reasons.append("torch: not installed")
-        elif not _cuda_driver_present():
-            reasons.append("torch: no NVIDIA driver")
-        else:
-            try:
-                return TorchBackend(manifest.torch_path, dev, threads)
-            except BackendError as e:
-                reasons.append(f"torch: {e}")
-        if kind == "cuda":
-            raise BackendError("--device cuda: no CUDA backend is usable (" + "; ".join(reasons) + ")")
-        say("note: backend auto: " + "; ".join(reasons) + " -> onnxruntime on CPU")
-    return OnnxRuntimeBackend(manifest.onnx_path, "cpu", threads, feature_dim)
+def _cuda_backend(dev: str, manifest: Any, threads: int | None, reasons: list[str]) -> Backend | None:
+    """The first usable CUDA backend (TensorRT, ONNX Runtime CUDA, torch), or None; why each was not usable is
+    appended to ``reasons``."""
+    if manifest.tensorrt is None:
+        reasons.append("tensorrt: no engine in the model folder")
+    elif not importable("tensorrt"):
+        reasons.append("tensorrt: package not installed")
+    elif not _cuda_driver_present():
+        reasons.append("tensorrt: no NVIDIA driver")
+    else:
+        try:
+            return TensorRTBackend(manifest.tensorrt_path, dev)
+        except MomkdError as e:
+            reasons.append(f"tensorrt: {e}")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        reasons.append("onnxruntime: no CUDA execution provider")
+    elif not _cuda_driver_present():
+        reasons.append("onnxruntime: no NVIDIA driver")
+    else:
+        try:
+            return OnnxRuntimeBackend(manifest.onnx_path, dev, threads, manifest.model.feature_dim)
+        except BackendError as e:
+            reasons.append(f"onnxruntime-cuda: {e}")
+    if manifest.torch is None:
+        reasons.append("torch: no TorchScript model in the model folder")
+    elif not torch_importable():
+        reasons.append("torch: not installed")
+    elif not _cuda_driver_present():
+        reasons.append("torch: no NVIDIA driver")
+    else:
+        try:
+            return TorchBackend(manifest.torch_path, dev, threads)
+        except BackendError as e:
+            reasons.append(f"torch: {e}")
+    return None

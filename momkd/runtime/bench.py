@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from momkd.errors import MomkdError
+from momkd.errors import ModelFolderError, MomkdError
 from momkd.manifest import Manifest, load_manifest
 
 from .backends import (Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend, _cuda_driver_present, cpu_count,
@@ -173,8 +173,14 @@ def open_backend(backend: str, device: str, manifest: Manifest, threads: int | N
     if backend == "onnxruntime":
         return OnnxRuntimeBackend(manifest.onnx_path, device, threads, manifest.model.feature_dim)
     if backend == "tensorrt":
-        return TensorRTBackend(manifest.tensorrt_path, device)
-    return TorchBackend(manifest.torch_path, device, threads)
+        plan = manifest.tensorrt_path
+        if plan is None:   # skip_reason leaves such a target out
+            raise ModelFolderError(f"{manifest.root}: the model folder has no TensorRT engine")
+        return TensorRTBackend(plan, device)
+    torch_path = manifest.torch_path
+    if torch_path is None:   # skip_reason leaves such a target out
+        raise ModelFolderError(f"{manifest.root}: the model folder has no TorchScript model")
+    return TorchBackend(torch_path, device, threads)
 
 
 def runner(be: Backend, precision: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]:
@@ -210,9 +216,10 @@ def time_calls(run: Callable[..., dict[str, np.ndarray]], pack: Pack, warmup: in
 
 def reference_probability(manifest: Manifest, pack: Pack, threads: int | None) -> np.ndarray | None:
     """(B,) probabilities of the folder's TorchScript twin on CPU in fp32 (None without PyTorch or model.pt)."""
-    if manifest.torch is None or not importable("torch"):
+    torch_path = manifest.torch_path   # None exactly when manifest.torch is
+    if torch_path is None or not importable("torch"):
         return None
-    be = TorchBackend(manifest.torch_path, "cpu", threads)
+    be = TorchBackend(torch_path, "cpu", threads)
     try:
         return be.run(pack.features, pack.neighbors, pack.slide_offsets)["probability"].astype(np.float64)
     finally:
@@ -290,9 +297,9 @@ def run_bench(model_dir: str | Path, patches: list[int], slides_per_pack: list[i
                     key = (t.backend, t.device)
                     if key not in opened:
                         try:
-                            opened[key] = open_backend(t.backend, t.device, manifest, threads)
-                            be = opened[key]
-                            notes[key] = be.detail + (f"; {head_note(be)}" if be.name == "torch" else "")
+                            new = opened[key] = open_backend(t.backend, t.device, manifest, threads)
+                            notes[key] = new.detail + (f"; {head_note(cast(TorchBackend, new))}" if new.name == "torch"
+                                                       else "")
                         except MomkdError as e:
                             opened[key] = str(e)
                     be_or_error = opened[key]

@@ -44,7 +44,7 @@ def discover_slides(folder: str | Path, recursive: bool = False, exclude: str | 
                     rels.append(entry.name)
     rels.sort()
     seen: dict[str, str] = {}
-    out = []
+    out: list[SlideFile] = []
     for rel in rels:
         path = root / rel
         if path.is_dir():

@@ -125,9 +125,10 @@ class HeatmapWriter:
         try:
             patch_size = level0_patch_size(source, coords)
             thumbnail, background = None, "patch grid"
-            if self.use_images:
+            slides_dir = self.options.slides_dir
+            if self.use_images and slides_dir is not None:   # use_images implies a slides folder
                 try:
-                    image = open_slide_image(self.options.slides_dir, slide_id)
+                    image = open_slide_image(slides_dir, slide_id)
                 except SlideImageError as e:
                     image, background = None, f"patch grid ({e})"
                     self.log(f"note: heatmap of {slide_id}: {e}; drawing the patch grid alone")

@@ -4,8 +4,8 @@ Three stages overlap::
 
     reader pool, threads or processes (read + validate + neighbour table; file order; read-ahead bounded by bytes)
         -> calling thread (packs up to the row budget, copied into one of two reused buffers)
-            -> compute thread (backend.run; rows and attention written; predictions.csv rewritten atomically
-               after each pack)
+            -> compute thread (backend.run; attention written; the pack's rows appended to predictions.csv and
+               fsynced; the whole file rewritten atomically, in file order, once at the end: see ``results``)
 
 Per-slide problems (every SlideError, duplicates, a slide over the engine's row limit, a backend failure on one
 slide, a non-finite output) become ``status=error`` rows and the run goes on. Model/usage problems raise a
@@ -93,6 +93,15 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
+def _check_options(batch_patches: int, workers: int, reader: str) -> None:
+    if batch_patches < 1:
+        raise UsageError(f"--batch-patches must be >= 1, got {batch_patches}")
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    if reader not in POOLS:
+        raise UsageError(f"--reader must be one of {', '.join(POOLS)}, got {reader!r}")
+
+
 def _check_paths(folder: Path, out_dir: Path) -> tuple[Path, Path]:
     if not folder.exists():
         raise UsageError(f"{folder}: input folder does not exist")
@@ -163,69 +172,29 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
     """
     t_setup = time.perf_counter()
     say = log or (lambda _m: None)
-    if batch_patches < 1:
-        raise UsageError(f"--batch-patches must be >= 1, got {batch_patches}")
-    if workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {workers}")
-    if reader not in POOLS:
-        raise UsageError(f"--reader must be one of {', '.join(POOLS)}, got {reader!r}")
+    _check_options(batch_patches, workers, reader)
     folder_p, out_p = _check_paths(Path(folder), Path(out_dir))
-    manifest = load_manifest(model_dir, verify_checksums=True)
-    _check_graph_library(manifest, say)
+    manifest = _load_model(model_dir, say)
     painter = (HeatmapWriter(out_p, heatmaps, manifest.model.class_names[1], say) if heatmaps is not None
                else None)
-    files = discover_slides(folder_p, recursive=recursive)
-    if not files:
-        say(f"note: no .h5 files found in {folder}" + ("" if recursive else " (use --recursive for subfolders)"))
-    kept = _kept_rows(out_p, folder_p, files, manifest, save_attention, painter is not None) if resume else {}
-    if not resume and (out_p / PREDICTIONS).exists():
-        say(f"note: replacing {out_p / PREDICTIONS} from an earlier run (--resume keeps its finished rows)")
+    files = _discover(folder_p, str(folder), recursive, say)
+    kept = _resume_rows(resume, out_p, folder_p, files, manifest, save_attention, painter is not None, say)
     be = backend_obj if backend_obj is not None else select_backend(backend, device, manifest, log=say, threads=threads)
-
-    out_p.mkdir(parents=True, exist_ok=True)
-    writer = ResultsWriter(out_p, len(files))
-    for index, row in kept.items():
-        writer.set(index, row)
-    if painter is not None:
-        painter.start()
-        for row in kept.values():
-            painter.keep(row.slide_id)
-    writer.flush()   # from here on predictions.csv never holds rows of another run that run.json cannot vouch for
-    write_run_info(out_p, {
-        "momkd_version": __version__, "model_dir": str(Path(model_dir).resolve()),
-        "model_manifest_sha256": manifest.sha256, "input_folder": str(folder_p), "recursive": recursive,
-        "backend": be.name, "device": be.device, "detail": be.detail,
-        "files": {f.rel: file_stamp(f.path) for f in files},
-    })
-    todo = [f for f in files if f.index not in kept]
-    total = len(files)
-    counts = {"ok": len(kept), "failed": 0}
-    timings = {"read_s": 0.0, "graph_s": 0.0, "compute_s": 0.0, "wait_s": 0.0, "idle_s": 0.0}
-    pool = resolve_pool(reader, be.device)
+    writer = _start_results(out_p, files, kept, painter)
+    write_run_info(out_p, _run_info(model_dir, manifest, folder_p, recursive, be, files))
+    run = InferenceRun([f for f in files if f.index not in kept], manifest, be, writer, out_p, painter, say,
+                       progress, total=len(files), n_kept=len(kept), batch_patches=batch_patches, workers=workers,
+                       save_attention=save_attention, pool=resolve_pool(reader, be.device))
     setup_s = time.perf_counter() - t_setup
+    elapsed, painted = _execute(run, close_backend=backend_obj is None)
+    return _summary(run, elapsed, setup_s, painted)
 
-    def report() -> None:
-        if progress is not None:
-            progress(counts["ok"] + counts["failed"], total, counts["ok"], counts["failed"])
 
-    report()
-    t0 = time.perf_counter()
-    finished = False
-    try:
-        if todo:
-            _run(todo, manifest, be, writer, out_p, counts, timings, report, say, batch_patches, workers,
-                 save_attention, pool, painter)
-        writer.flush()
-        finished = True
-    finally:
-        if backend_obj is None:
-            be.close()
-        painted = painter.close(cancel=not finished) if painter is not None else None
-    elapsed = time.perf_counter() - t0
-    return InferenceSummary(n_files=total, n_ok=writer.n_ok, n_failed=writer.n_failed, n_kept=len(kept), reader=pool,
-                            n_processed=len(todo), elapsed_s=elapsed, setup_s=setup_s, backend=be.name,
-                            device=be.device, detail=be.detail, predictions_path=out_p / PREDICTIONS, timings=timings,
-                            heatmaps=painted)
+def _load_model(model_dir: str | Path, say: Callable[[str], None]) -> Manifest:
+    """The model folder's manifest (checksums verified) and the graph library it needs."""
+    manifest = load_manifest(model_dir, verify_checksums=True)
+    _check_graph_library(manifest, say)
+    return manifest
 
 
 def _check_graph_library(manifest: Manifest, say: Callable[[str], None]) -> None:
@@ -245,142 +214,281 @@ def _check_graph_library(manifest: Manifest, say: Callable[[str], None]) -> None
             "neighbour ties on patch grids may fall differently")
 
 
-def _run(todo: list[SlideFile], manifest: Manifest, be: Backend, writer: ResultsWriter, out_p: Path,
-         counts: dict[str, int], timings: dict[str, float], report: Callable[[], None], say: Callable[[str], None],
-         batch_patches: int, workers: int, save_attention: bool, pool: str, painter: HeatmapWriter | None) -> None:
-    """The calling thread takes slides in file order from the reader threads and packs them (copying into one of
-    two reused buffers); a compute thread runs each pack through the backend and records its rows, so packing,
+def _discover(folder_p: Path, folder: str, recursive: bool, say: Callable[[str], None]) -> list[SlideFile]:
+    files = discover_slides(folder_p, recursive=recursive)
+    if not files:
+        say(f"note: no .h5 files found in {folder}" + ("" if recursive else " (use --recursive for subfolders)"))
+    return files
+
+
+def _resume_rows(resume: bool, out_p: Path, folder_p: Path, files: list[SlideFile], manifest: Manifest,
+                 save_attention: bool, heatmaps: bool, say: Callable[[str], None]) -> dict[int, ResultRow]:
+    """The rows kept from an earlier run (--resume), by discovery index; without --resume, none (and a note
+    when an earlier run's predictions.csv is about to be replaced)."""
+    if resume:
+        return _kept_rows(out_p, folder_p, files, manifest, save_attention, heatmaps)
+    if (out_p / PREDICTIONS).exists():
+        say(f"note: replacing {out_p / PREDICTIONS} from an earlier run (--resume keeps its finished rows)")
+    return {}
+
+
+def _start_results(out_p: Path, files: list[SlideFile], kept: dict[int, ResultRow],
+                   painter: HeatmapWriter | None) -> ResultsWriter:
+    """Create the output folder and replace predictions.csv by the kept rows (atomically, before run.json)."""
+    out_p.mkdir(parents=True, exist_ok=True)
+    writer = ResultsWriter(out_p, len(files))
+    for index, row in kept.items():
+        writer.set(index, row)
+    if painter is not None:
+        painter.start()
+        for row in kept.values():
+            painter.keep(row.slide_id)
+    writer.flush()   # from here on predictions.csv never holds rows of another run that run.json cannot vouch for
+    return writer
+
+
+def _run_info(model_dir: str | Path, manifest: Manifest, folder_p: Path, recursive: bool, be: Backend,
+              files: list[SlideFile]) -> dict[str, Any]:
+    return {
+        "momkd_version": __version__, "model_dir": str(Path(model_dir).resolve()),
+        "model_manifest_sha256": manifest.sha256, "input_folder": str(folder_p), "recursive": recursive,
+        "backend": be.name, "device": be.device, "detail": be.detail,
+        "files": {f.rel: file_stamp(f.path) for f in files},
+    }
+
+
+def _execute(run: "InferenceRun", close_backend: bool) -> tuple[float, HeatmapReport | None]:
+    """Run the pipeline (when there is anything to do), leave the ordered predictions.csv, close the backend
+    (``close_backend``) and the heatmap writer; (elapsed seconds, heatmap report)."""
+    run.report()
+    t0 = time.perf_counter()
+    finished = False
+    try:
+        if run.todo:
+            run.run()
+        if run.writer.dirty:
+            run.writer.flush()
+        finished = True
+    finally:
+        if close_backend:
+            run.be.close()
+        painted = run.painter.close(cancel=not finished) if run.painter is not None else None
+    return time.perf_counter() - t0, painted
+
+
+def _summary(run: "InferenceRun", elapsed: float, setup_s: float, painted: HeatmapReport | None) -> InferenceSummary:
+    w, be = run.writer, run.be
+    return InferenceSummary(n_files=run.total, n_ok=w.n_ok, n_failed=w.n_failed, n_kept=run.n_kept, reader=run.pool,
+                            n_processed=len(run.todo), elapsed_s=elapsed, setup_s=setup_s, backend=be.name,
+                            device=be.device, detail=be.detail, predictions_path=w.path, timings=run.timings,
+                            heatmaps=painted)
+
+
+@dataclass(eq=False)
+class InferenceRun:
+    """One run's pipeline over ``todo`` and its shared state (counts, timings, the results writer, the lock).
+
+    The calling thread takes slides in file order from the reader pool and packs them (copying into one of two
+    reused buffers); a compute thread runs each pack through the backend and records its rows, so packing,
     copying and writing overlap the compute. Packs depend on file order, slide sizes and the row budget only
-    (never on timing): the same folder and budget give the same packs and bit-identical outputs run after run."""
-    model = manifest.model
-    max_rows = min(batch_patches, be.max_rows) if be.max_rows else batch_patches
-    max_width = getattr(be, "max_width", None)
-    cfg = ReaderConfig(feature_dim=model.feature_dim, k=model.k, direction=model.graph_direction,
-                       keep_coords=save_attention or painter is not None)
-    reader = SlideReader(todo, cfg, workers=workers, max_inflight=64, pool=pool,
-                         max_inflight_bytes=max(max_rows * model.feature_dim * 4, 64 << 20))
-    stop = threading.Event()
-    packer = Packer(max_rows, be.max_slides, BufferPool(max_rows, max_buffers=2, stop=stop), ramp=RAMP)
-    lock = threading.RLock()            # rows, counts, CSV, progress: shared by the two threads
-    packs: queue.Queue[Pack | None] = queue.Queue(maxsize=1)
-    crashed: list[BaseException] = []
+    (never on timing): the same folder and budget give the same packs and bit-identical outputs run after run.
+    """
 
-    def record_failure(f: SlideFailure) -> None:
-        with lock:
-            _record_failure(f, writer, counts, say, out_p, save_attention, painter)
-            report()
+    todo: list[SlideFile]
+    manifest: Manifest
+    be: Backend
+    writer: ResultsWriter
+    out_p: Path
+    painter: HeatmapWriter | None
+    say: Callable[[str], None]
+    progress: ProgressFn | None
+    total: int
+    n_kept: int
+    batch_patches: int
+    workers: int
+    save_attention: bool
+    pool: str
+    counts: dict[str, int] = field(init=False)
+    # sums: see InferenceSummary.timings
+    timings: dict[str, float] = field(init=False)
+    lock: Any = field(init=False, default_factory=threading.RLock)   # rows, counts, CSV, progress: both threads
+    stop: threading.Event = field(init=False, default_factory=threading.Event)
+    packs: "queue.Queue[Pack | None]" = field(init=False, default_factory=lambda: queue.Queue(maxsize=1))
+    crashed: list[BaseException] = field(init=False, default_factory=list)
+    max_rows: int = field(init=False)                    # the row budget of one pack (engine limit included)
+    max_width: int | None = field(init=False)            # the engine's widest neighbour table, if limited
+    reader: SlideReader = field(init=False, repr=False)  # these two: made by ``run``
+    packer: Packer = field(init=False, repr=False)
 
-    def compute() -> None:
+    def __post_init__(self) -> None:
+        self.counts = {"ok": self.n_kept, "failed": 0}
+        self.timings = {"read_s": 0.0, "graph_s": 0.0, "compute_s": 0.0, "wait_s": 0.0, "idle_s": 0.0}
+        be = self.be
+        self.max_rows = min(self.batch_patches, be.max_rows) if be.max_rows else self.batch_patches
+        self.max_width = getattr(be, "max_width", None)
+
+    def report(self) -> None:
+        if self.progress is not None:
+            c = self.counts
+            self.progress(c["ok"] + c["failed"], self.total, c["ok"], c["failed"])
+
+    # -- the calling thread: read, pack, submit ----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Read, pack and compute every slide of ``todo``; re-raise the compute thread's error, if any."""
+        model = self.manifest.model
+        cfg = ReaderConfig(feature_dim=model.feature_dim, k=model.k, direction=model.graph_direction,
+                           keep_coords=self.save_attention or self.painter is not None)
+        self.reader = SlideReader(self.todo, cfg, workers=self.workers, max_inflight=64, pool=self.pool,
+                                  max_inflight_bytes=max(self.max_rows * model.feature_dim * 4, 64 << 20))
+        self.packer = Packer(self.max_rows, self.be.max_slides,
+                             BufferPool(self.max_rows, max_buffers=2, stop=self.stop), ramp=RAMP)
+        worker = threading.Thread(target=self.compute_loop, name="momkd-compute", daemon=True)
+        worker.start()
+        try:
+            self.feed()
+            worker.join()
+        finally:
+            self.finish(worker)
+        if self.crashed:
+            raise self.crashed[0]
+
+    def feed(self) -> None:
+        """Every slide, in file order, into the packer; its packs, then the end mark, to the compute thread."""
+        try:
+            while not self.reader.exhausted:
+                tw = time.perf_counter()
+                item = self.reader.take()                 # the next slide in file order (waits if not read yet)
+                self.timings["wait_s"] += time.perf_counter() - tw
+                self.add_slide(item)
+            last = self.packer.finish()
+            if last is not None:
+                self.submit(last)
+            self.submit(None)
+        except PoolClosed:  # the run is stopping (the compute worker failed): its error is raised by ``run``
+            pass
+
+    def add_slide(self, item: GraphSlide | SlideFailure) -> None:
+        if isinstance(item, GraphSlide):
+            self.timings["read_s"] += item.read_s
+            self.timings["graph_s"] += item.graph_s
+            limit = self._engine_limit(item)
+            if limit is None:
+                for pack in self.packer.add(item):
+                    self.submit(pack)
+                return
+            item = SlideFailure(item.meta, "too_large", limit + " (use --backend onnxruntime)", item.n)
+        self.record_failure(item)
+
+    def _engine_limit(self, item: GraphSlide) -> str | None:
+        """Why the backend's engine cannot take this slide (None: it can)."""
+        be = self.be
+        if be.max_rows and item.n > be.max_rows:
+            return f"slide has {item.n} patches, more than the {be.name} engine's maximum of {be.max_rows}"
+        if self.max_width and item.neighbors.shape[1] > self.max_width:
+            return (f"neighbour table is {item.neighbors.shape[1]} wide, more than the {be.name} engine's "
+                    f"maximum of {self.max_width}")
+        return None
+
+    def submit(self, pack: Pack | None) -> None:
+        """Hand a pack (None: the end) to the compute thread; PoolClosed once the run is stopping."""
         while True:
-            ti = time.perf_counter()
-            try:
-                pack = packs.get(timeout=0.05)
-            except queue.Empty:
-                timings["idle_s"] += time.perf_counter() - ti
-                if stop.is_set():
-                    return
-                continue
-            timings["idle_s"] += time.perf_counter() - ti
-            if pack is None:
-                return
-            if stop.is_set():          # interrupted: start nothing new
-                pack.release()
-                return
-            try:
-                tc = time.perf_counter()
-                results = _run_pack(be, pack)
-                timings["compute_s"] += time.perf_counter() - tc
-                pack.release()
-                with lock:
-                    for entry, out in results:
-                        file: SlideFile = entry.meta
-                        if isinstance(out, str):
-                            _record_failure(SlideFailure(file, "inference", out, entry.n), writer, counts, say,
-                                            out_p, save_attention, painter)
-                            continue
-                        p = float(out["probability"])
-                        pred = model.class_names[1] if p >= model.threshold else model.class_names[0]
-                        writer.set(file.index, ResultRow.ok(file.slide_id, file.rel, entry.n, p, pred))
-                        counts["ok"] += 1
-                        if save_attention:
-                            write_attention(out_p, file.slide_id, entry.coords, out["attention"],
-                                            out["patch_score"], source=str(file.path), probability=p,
-                                            model_sha256=manifest.sha256)
-                        if painter is not None:
-                            painter.submit(file.slide_id, file.path, entry.coords, out, p, pred)
-                    writer.flush()
-                    report()
-            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-                pack.release()
-                crashed.append(e)
-                stop.set()
-                return
-
-    def submit(pack: Pack | None) -> None:
-        while True:
-            if stop.is_set():
+            if self.stop.is_set():
                 if pack is not None:
                     pack.release()
                 raise PoolClosed()
             try:
-                packs.put(pack, timeout=0.05)
+                self.packs.put(pack, timeout=0.05)
                 return
             except queue.Full:
                 continue
 
-    def add(item: GraphSlide | SlideFailure) -> None:
-        if isinstance(item, GraphSlide):
-            timings["read_s"] += item.read_s
-            timings["graph_s"] += item.graph_s
-            limit = None
-            if be.max_rows and item.n > be.max_rows:
-                limit = f"slide has {item.n} patches, more than the {be.name} engine's maximum of {be.max_rows}"
-            elif max_width and item.neighbors.shape[1] > max_width:
-                limit = (f"neighbour table is {item.neighbors.shape[1]} wide, more than the {be.name} engine's "
-                         f"maximum of {max_width}")
-            if limit is None:
-                for pack in packer.add(item):
-                    submit(pack)
+    def finish(self, worker: threading.Thread) -> None:
+        """Stop the readers, let the pack in flight finish (an interrupted run too) and rewrite predictions.csv
+        whole, in file order."""
+        self.stop.set()
+        self.reader.close()
+        worker.join(timeout=60)
+        with self.lock:
+            self.writer.flush()
+
+    # -- the compute thread ------------------------------------------------------------------------------------
+
+    def compute_loop(self) -> None:
+        while True:
+            pack = self._next_pack()
+            if pack is None:
                 return
-            item = SlideFailure(item.meta, "too_large", limit + " (use --backend onnxruntime)", item.n)
-        record_failure(item)
+            if self.stop.is_set():          # interrupted: start nothing new
+                pack.release()
+                return
+            try:
+                tc = time.perf_counter()
+                results = _run_pack(self.be, pack)
+                self.timings["compute_s"] += time.perf_counter() - tc
+                pack.release()
+                self.record_results(results)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                pack.release()
+                self.crashed.append(e)
+                self.stop.set()
+                return
 
-    worker = threading.Thread(target=compute, name="momkd-compute", daemon=True)
-    worker.start()
-    try:
-        try:
-            while not reader.exhausted:
-                tw = time.perf_counter()
-                item = reader.take()                 # the next slide in file order (waits if not read yet)
-                timings["wait_s"] += time.perf_counter() - tw
-                add(item)
-            last = packer.finish()
-            if last is not None:
-                submit(last)
-            submit(None)
-        except PoolClosed:  # the run is stopping (the compute worker failed): its error is raised below
-            pass
-        worker.join()
-    finally:
-        stop.set()
-        reader.close()
-        worker.join(timeout=60)     # an interrupted run lets the pack in flight finish and be written
-        with lock:
-            writer.flush()
-    if crashed:
-        raise crashed[0]
+    def _next_pack(self) -> Pack | None:
+        """The next pack; None at the end mark, or once the run is stopping while none is queued."""
+        while True:
+            ti = time.perf_counter()
+            try:
+                pack = self.packs.get(timeout=0.05)
+            except queue.Empty:
+                self.timings["idle_s"] += time.perf_counter() - ti
+                if self.stop.is_set():
+                    return None
+                continue
+            self.timings["idle_s"] += time.perf_counter() - ti
+            return pack
 
+    # -- recording (either thread, under the lock) -------------------------------------------------------------
 
-def _record_failure(f: SlideFailure, writer: ResultsWriter, counts: dict[str, int], say: Callable[[str], None],
-                    out_p: Path, save_attention: bool, painter: HeatmapWriter | None) -> None:
-    writer.set(f.file.index, ResultRow.failed(f.file.slide_id, f.file.rel, f"{f.code}: {f.message}", f.n_patches))
-    counts["failed"] += 1
-    say(f"failed: {f.file.rel}: {f.code}: {f.message}")
-    if f.code != "duplicate":   # never leave an older run's attention or heatmap for a failed slide
-        if save_attention:
-            attention_path(out_p, f.file.slide_id).unlink(missing_ok=True)
-        if painter is not None:
-            painter.discard(f.file.slide_id)
+    def record_results(self, results: list[tuple[Any, dict[str, Any] | str]]) -> None:
+        """One pack's outcomes: rows (and attention files, heatmaps); the new rows appended to the CSV."""
+        with self.lock:
+            for entry, out in results:
+                if isinstance(out, str):
+                    self._fail(SlideFailure(entry.meta, "inference", out, entry.n))
+                else:
+                    self._record_ok(entry, out)
+            self.writer.commit()
+            self.report()
+
+    def record_failure(self, f: SlideFailure) -> None:
+        with self.lock:
+            self._fail(f)
+            self.report()
+
+    def _record_ok(self, entry: Any, out: dict[str, Any]) -> None:
+        file: SlideFile = entry.meta
+        model = self.manifest.model
+        p = float(out["probability"])
+        pred = model.class_names[1] if p >= model.threshold else model.class_names[0]
+        self.writer.set(file.index, ResultRow.ok(file.slide_id, file.rel, entry.n, p, pred))
+        self.counts["ok"] += 1
+        if self.save_attention:
+            write_attention(self.out_p, file.slide_id, entry.coords, out["attention"], out["patch_score"],
+                            source=str(file.path), probability=p, model_sha256=self.manifest.sha256)
+        if self.painter is not None:
+            self.painter.submit(file.slide_id, file.path, entry.coords, out, p, pred)
+
+    def _fail(self, f: SlideFailure) -> None:
+        self.writer.set(f.file.index,
+                        ResultRow.failed(f.file.slide_id, f.file.rel, f"{f.code}: {f.message}", f.n_patches))
+        self.counts["failed"] += 1
+        self.say(f"failed: {f.file.rel}: {f.code}: {f.message}")
+        if f.code != "duplicate":   # never leave an older run's attention or heatmap for a failed slide
+            if self.save_attention:
+                attention_path(self.out_p, f.file.slide_id).unlink(missing_ok=True)
+            if self.painter is not None:
+                self.painter.discard(f.file.slide_id)
 
 
 def _check_outputs(outputs: dict[str, np.ndarray], pack: Pack) -> None:

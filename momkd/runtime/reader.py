@@ -129,7 +129,7 @@ class SharedArray:
 def load_shared(file: SlideFile, cfg: ReaderConfig) -> GraphSlide | SlideFailure:
     """``load_one`` in a worker process, features handed over through ``/dev/shm``."""
     item = load_one(file, cfg)
-    if isinstance(item, GraphSlide):
+    if isinstance(item, GraphSlide) and item.features is not None:
         try:
             item.features = SharedArray.export(item.features)   # type: ignore[assignment]
         except OSError:

@@ -1,5 +1,25 @@
-"""``OUT_DIR/predictions.csv`` (one row per ``.h5`` file found, discovery order), rewritten atomically, and the
-``OUT_DIR/run.json`` sidecar that lets ``--resume`` trust earlier rows (same model, file unchanged)."""
+"""``OUT_DIR/predictions.csv`` (the rows of a run) and the ``OUT_DIR/run.json`` sidecar that lets ``--resume``
+trust earlier rows (same model, same input folder, file unchanged).
+
+Format: UTF-8 CSV, ``\\n`` line ends, the header ``COLUMNS``, then one row per ``.h5`` file found; a row's
+``error`` is one line; ``probability`` has 9 significant digits (float32 round trip).
+
+Durability contract (what the file holds at any moment, a ``kill -9`` or a crash included):
+
+1. Start of a run (``ResultsWriter.flush``): the file is replaced atomically (temp file, fsync, ``os.replace``,
+   fsync of the folder) by the header and the rows kept by ``--resume``, in discovery order; *then* run.json is
+   written. So predictions.csv never holds rows that the run.json beside it cannot vouch for.
+2. During the run (``ResultsWriter.commit``, after each pack): the rows recorded since the last write (that pack's
+   slides, and slides that failed while being read meanwhile) are appended in one write, in discovery order
+   among themselves, then flushed and fsynced. Bytes written per pack are those rows' bytes: the file is never
+   rewritten mid-run. A file index gets at most one row per run (``set`` refuses a second), so the file holds
+   no duplicates; while a run goes on its rows are in completion order.
+3. End of the run (finished, failed or interrupted, but not killed): the whole file is rewritten once, atomically,
+   in discovery order: one row per file index (every discovered file, for a finished run).
+4. A run killed in the middle of an append can leave a torn last record (the file does not end with a newline,
+   or ends inside a quoted field). ``read_predictions`` ignores that record, so ``--resume`` redoes its slide;
+   any other malformed line is an error. The resumed run starts with step 1 again: its file has no torn tail.
+"""
 
 from __future__ import annotations
 
@@ -73,23 +93,53 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def read_predictions(path: Path) -> list[ResultRow]:
-    """Rows of an existing predictions.csv; ResultsError if it is not one of ours."""
+    """Rows of an existing predictions.csv (a torn last record ignored, see the module docstring); ResultsError if
+    it is not one of ours or a line is malformed."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise ResultsError(f"{path}: cannot be read for --resume ({e})") from None
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
+    torn = not data.endswith(b"\n")
+    cut = data.rfind(b"\n") + 1     # a torn tail may end inside a UTF-8 sequence: decode it leniently
+    try:
+        text = data[:cut].decode("utf-8") + data[cut:].decode("utf-8", errors="replace")
+    except UnicodeDecodeError as e:
+        raise ResultsError(f"{path}: cannot be read for --resume ({e})") from None
+    records, torn = _records(text, torn, path)
+    header = records[0][1] if records else None
     if header is None or tuple(header) != COLUMNS:
         raise ResultsError(f"{path}: not a momkd predictions file (header {header}); use another --out")
+    if torn and len(records) > 1:
+        records.pop()                 # the record a killed append left half written
     rows = []
-    for i, rec in enumerate(reader, start=2):
+    for line, rec in records[1:]:
         if not rec:
             continue
         if len(rec) != len(COLUMNS) or rec[2] not in ("ok", "error"):
-            raise ResultsError(f"{path}: line {i} is malformed; use another --out or run without --resume")
+            raise _malformed(path, line)
         rows.append(ResultRow(*rec))
     return rows
+
+
+def _malformed(path: Path, line: int) -> ResultsError:
+    return ResultsError(f"{path}: line {line} is malformed; use another --out or run without --resume")
+
+
+def _records(text: str, torn: bool, path: Path) -> tuple[list[tuple[int, list[str]]], bool]:
+    """(first line number, fields) of each CSV record, and whether the last of them is torn (``torn``, the text
+    not ending with a newline). A text that ends inside a quoted field is torn too: that record is left out."""
+    reader = csv.reader(io.StringIO(text), strict=True)
+    records: list[tuple[int, list[str]]] = []
+    line = 1
+    try:
+        for rec in reader:
+            records.append((line, rec))
+            line = reader.line_num + 1
+    except csv.Error as e:
+        if "end of data" not in str(e):      # not an unfinished quoted field at the end of the file
+            raise _malformed(path, line) from None
+        return records, False              # the unfinished record is left out already
+    return records, torn
 
 
 def file_stamp(path: Path) -> list[int] | None:
@@ -102,27 +152,44 @@ def file_stamp(path: Path) -> list[int] | None:
 
 
 class ResultsWriter:
-    """Holds the row of every file (by discovery index) and rewrites predictions.csv atomically on ``flush``."""
+    """The row of every file of a run (by discovery index) and predictions.csv: ``flush`` rewrites the file whole,
+    atomically, in discovery order (start and end of a run); ``commit`` appends the rows set since the last write
+    and fsyncs (after each pack). ``bytes_written`` counts the bytes of both."""
 
     def __init__(self, out_dir: Path, n_files: int) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / PREDICTIONS
         self.rows: list[ResultRow | None] = [None] * n_files
-        self.dirty = True
+        self.pending: list[int] = []     # indices set since the last flush/commit (not in the file yet)
+        self.dirty = True                # rows set since the last flush (the file is not the ordered whole)
+        self.bytes_written = 0
 
     def set(self, index: int, row: ResultRow) -> None:
+        if self.rows[index] is not None:
+            raise ValueError(f"{self.path}: a second row for {row.file} in one run")
         self.rows[index] = row
+        self.pending.append(index)
         self.dirty = True
 
     def flush(self) -> None:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(COLUMNS)
-        for row in self.rows:
-            if row is not None:
-                w.writerow(row.values())
-        atomic_write_text(self.path, buf.getvalue())
+        text = _csv_text([COLUMNS] + [row.values() for row in self.rows if row is not None])
+        atomic_write_text(self.path, text)
+        self.bytes_written += len(text.encode("utf-8"))
+        self.pending.clear()
         self.dirty = False
+
+    def commit(self) -> None:
+        """Append the pending rows (discovery order among themselves) in one write, flush, fsync."""
+        if not self.pending:
+            return
+        rows = [self.rows[i] for i in sorted(self.pending)]
+        self.pending.clear()            # never appended twice, even after a failed write (the end rewrites all)
+        data = _csv_text([row.values() for row in rows if row is not None]).encode("utf-8")
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.bytes_written += len(data)
 
     @property
     def n_ok(self) -> int:
@@ -131,6 +198,12 @@ class ResultsWriter:
     @property
     def n_failed(self) -> int:
         return sum(1 for r in self.rows if r is not None and r.status == "error")
+
+
+def _csv_text(records: list) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(records)
+    return buf.getvalue()
 
 
 def write_run_info(out_dir: Path, info: dict[str, Any]) -> None:

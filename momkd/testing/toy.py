@@ -17,7 +17,7 @@ Graph (packed slides, membership-mask trick, no scatter ops)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -71,8 +71,10 @@ def build_toy_onnx(path: str | Path, feature_dim: int, hidden: int = 0, seed: in
     p = toy_params(feature_dim, hidden, seed)
     F, I64 = TensorProto.FLOAT, TensorProto.INT64
     inits = [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in p.items() if k != "hidden"]
-    consts = {"zero_i": np.array(0, np.int64), "one_i": np.array(1, np.int64),
-              "one_f": np.array(1, np.float32), "half_f": np.array(0.5, np.float32), "neg_big": np.array(-1e30, np.float32),
+    consts: dict[str, np.ndarray] = {
+              "zero_i": np.array(0, np.int64), "one_i": np.array(1, np.int64),
+              "one_f": np.array(1, np.float32), "half_f": np.array(0.5, np.float32),
+              "neg_big": np.array(-1e30, np.float32),
               "ax0": np.array([0], np.int64), "ax1": np.array([1], np.int64), "axm1": np.array([-1], np.int64),
               "big": np.array([np.iinfo(np.int64).max], np.int64), "neg_half": np.array(-0.5, np.float32)}
     inits += [numpy_helper.from_array(v, k) for k, v in consts.items()]
@@ -142,6 +144,11 @@ def build_toy_torchscript(path: str | Path, params: dict[str, Any]) -> None:
     import torch
 
     class Toy(torch.nn.Module):
+        if TYPE_CHECKING:   # the buffers registered below (hidden from torch.jit.script, which cannot resolve them)
+            w_s: torch.Tensor
+            W1: torch.Tensor
+            W2: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.hidden = int(params["hidden"])
@@ -162,7 +169,8 @@ def build_toy_torchscript(path: str | Path, params: dict[str, Any]) -> None:
             s0 = (h @ self.w_s).squeeze(1)
             score = s0 + 0.5 * (s0[idx] * vf).sum(1) / cnt
             rows = torch.arange(features.shape[0], device=features.device)
-            mask = (rows.unsqueeze(0) >= slide_offsets[:-1].unsqueeze(1)) & (rows.unsqueeze(0) < slide_offsets[1:].unsqueeze(1))
+            mask = ((rows.unsqueeze(0) >= slide_offsets[:-1].unsqueeze(1))
+                    & (rows.unsqueeze(0) < slide_offsets[1:].unsqueeze(1)))
             masked = torch.where(mask, score.unsqueeze(0), torch.full_like(score.unsqueeze(0), -1e30))
             alpha_b = torch.softmax(masked, dim=1) * mask.float()
             pooled = (alpha_b @ h.mean(1, keepdim=True)).squeeze(1)
@@ -222,7 +230,9 @@ def write_trident_slide(path: str | Path, features: np.ndarray, coords: np.ndarr
 
 def write_slide_folder(folder: str | Path, sizes: list[int], feature_dim: int, seed: int = 0, prefix: str = "slide",
                        chunk_rows: int | None = 1) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """TRIDENT-layout files ``{prefix}_{i:03d}.h5`` with ``sizes[i]`` patches; returns {slide_id: (features, coords)}."""
+    """TRIDENT-layout files ``{prefix}_{i:03d}.h5`` with ``sizes[i]`` patches.
+
+    Returns {slide_id: (features, coords)}."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from momkd.train.data import SlideStore
 from momkd.train.predict import predict_slides, slide_tensors
 from momkd.train.sampler import balanced_epoch
 from momkd.train.stopping import make_stopping
+
+if TYPE_CHECKING:
+    from momkd.models.momkd import MoMKD
 
 LOSS_TERMS = ("total", "ce", "mse", "align_wsi", "align_omics", "mem")
 
@@ -53,6 +57,7 @@ class FoldTrainer:
         device: where to train.
         on_step: called after every optimisation step (progress bars).
         on_epoch: called with the epoch number when an epoch starts.
+        on_epoch_end: called with the epoch's history row once it is validated (plain progress lines).
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class FoldTrainer:
         device: torch.device,
         on_step: Callable[[], None] | None = None,
         on_epoch: Callable[[int], None] | None = None,
+        on_epoch_end: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         self.model = model.to(device)
         self.loss_fn = loss_fn
@@ -74,6 +80,7 @@ class FoldTrainer:
         self.device = device
         self.on_step = on_step
         self.on_epoch = on_epoch
+        self.on_epoch_end = on_epoch_end
         self.memory = getattr(model, "memory", None)
 
     # ------------------------------------------------------------------ memory initialisation
@@ -98,7 +105,7 @@ class FoldTrainer:
 
     def _projections(self, slide_id: str) -> torch.Tensor:
         features, neighbors = slide_tensors(self.store.get(slide_id), self.device)
-        return self.model.patch_projections(features, neighbors)
+        return cast("MoMKD", self.model).patch_projections(features, neighbors)   # a memory means a MoMKD model
 
     def _quota_points(self, slides: Sequence[SlideLabel], rng: np.random.Generator) -> torch.Tensor:
         """Up to ``kmeans_patches`` projections: an equal random share from each slide, slides in random order."""
@@ -153,7 +160,8 @@ class FoldTrainer:
                 if self.memory is not None:
                     if self.memory.update == "ema":
                         self.memory.ema_update(out.patch_proj.detach(), item.label)
-                    usage.update(out.patch_proj.detach(), item.label, self.memory)
+                    if usage is not None:   # always, with a memory
+                        usage.update(out.patch_proj.detach(), item.label, self.memory)
                 probs.append(torch.softmax(out.logits.detach(), dim=-1)[0, 1].item())
             labels.append(item.label)
             for key in LOSS_TERMS:
@@ -206,6 +214,8 @@ class FoldTrainer:
             val_auc, val_ce = self.validate(val)
             row.update(val_auc=val_auc, val_loss_ce=val_ce)
             result.history.append(row)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(row)
             decision = stopping.update(epoch, val_auc, val_ce)
             if decision.keep:
                 result.best_epoch = epoch

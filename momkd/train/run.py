@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import shutil
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ class TrainingData:
     omics: OmicsTable | None
     feature_dim: int
     encoder: str | None
-    sources: dict[str, str]  # cohort / features / omics paths, label column, positive value (for config.json)
+    sources: dict[str, str | None]  # cohort / features / omics paths, label column, positive value (for config.json)
 
     def items(self, cases: Sequence[str]) -> list[SlideLabel]:
         """Every slide of ``cases`` with its case's label."""
@@ -71,6 +73,7 @@ def train_run(
     splits_dir: Path | None = None,
     only_folds: Sequence[int] | None = None,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train every fold and write the run folder (layout in docs/ARCHITECTURE.md). Returns the summary.
 
@@ -81,6 +84,7 @@ def train_run(
     over folds, ``mean_slide`` / ``std_slide`` summarise ``test_slide`` (keys ``SUMMARY_KEYS``).
     """
     console = console or Console(stderr=True)
+    _claim_out(out_dir, overwrite)
     splits = _start_run(data, out_dir, model_cfg, loss_cfg, train_cfg, omics_opts, preset, splits_dir)
     run = _FoldRun(data, out_dir, model_cfg, loss_cfg, train_cfg, omics_opts, preset, console,
                    SlideStore(data.slide_paths, k=model_cfg.k, direction=model_cfg.graph_direction,
@@ -94,11 +98,24 @@ def train_run(
     return _finish_run(out_dir, model_cfg, preset, fold_records)
 
 
+def _claim_out(out_dir: Path, overwrite: bool) -> None:
+    """A fresh run needs an empty (or new) ``out_dir``: the folds of an earlier or killed run are never mixed into
+    it. ``overwrite`` empties a momkd run folder first (never a folder that is not one)."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not out_dir.is_dir():
+        raise RunFolderError(f"{out_dir}: exists and is not a folder; choose another --out")
+    if not overwrite:
+        state = "a finished run" if (out_dir / SUMMARY).exists() else "files (an unfinished or other run?)"
+        raise RunFolderError(f"{out_dir}: already holds {state}; choose another --out or pass --overwrite")
+    if not (out_dir / CONFIG).is_file():
+        raise RunFolderError(f"{out_dir}: not empty and not a momkd run folder (no {CONFIG}); will not delete it")
+    shutil.rmtree(out_dir)
+
+
 def _start_run(data: TrainingData, out_dir: Path, model_cfg: ModelConfig, loss_cfg: LossConfig,
                train_cfg: TrainConfig, omics_opts: OmicsOptions, preset: str, splits_dir: Path | None) -> list[Split]:
     """Check the run can start, make (or reuse) the splits and write ``splits/`` and ``config.json``."""
-    if (out_dir / SUMMARY).exists():
-        raise RunFolderError(f"{out_dir}: already holds a finished run; choose another --out")
     if model_cfg.model == "momkd" and data.omics is None:
         raise RunFolderError("MoMKD needs paired omics for training: pass --omics (or use --model abmil)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,9 +189,15 @@ class _FoldRun:
         rng = np.random.default_rng([cfg.seed, fold])
         model = build_model(self.model_cfg, self.data.feature_dim, omics_dim)
         task = progress.add_task(f"fold {fold}", total=cfg.epochs * len(train_items), epoch=0)
+        def step() -> None:
+            progress.update(task, advance=1)
+
+        def epoch_start(epoch: int) -> None:
+            progress.update(task, epoch=epoch)
+
         trainer = FoldTrainer(model, MoMKDLoss(self.loss_cfg), self.store, omics_by_case, cfg, self.device,
-                              on_step=lambda t=task: progress.update(t, advance=1),
-                              on_epoch=lambda e, t=task: progress.update(t, epoch=e))
+                              on_step=step, on_epoch=epoch_start,
+                              on_epoch_end=None if self.console.is_terminal else self.epoch_line(fold))
         fit = trainer.fit(train_items, self.data.items(split.val), rng)
         progress.update(task, completed=cfg.epochs * len(train_items))
         record, test_probs = self.evaluate_fold(trainer.model, split, fit)
@@ -186,6 +209,18 @@ class _FoldRun:
             f"ACC {test['acc']:.3f} F1 {test['f1']:.3f} ({test['n']} test cases)"
         )
         return record
+
+    def epoch_line(self, fold: int) -> Callable[[dict[str, float]], None]:
+        """One plain line per epoch, for logs (a progress bar only draws on a terminal)."""
+        start = time.perf_counter()
+
+        def say(row: dict[str, float]) -> None:
+            self.console.print(
+                f"fold {fold} epoch {int(row['epoch'])}/{self.train_cfg.epochs}: train loss {row['loss_total']:.4f}, "
+                f"train AUC {row['train_auc']:.3f}, val AUC {row['val_auc']:.3f} "
+                f"({time.perf_counter() - start:.0f} s)", markup=False, highlight=False, soft_wrap=True)
+
+        return say
 
     def evaluate_fold(self, model: torch.nn.Module, split: Split, fit: FitResult
                       ) -> tuple[dict[str, Any], np.ndarray]:

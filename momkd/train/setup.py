@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -38,9 +39,9 @@ def build_configs(
 ) -> tuple[ModelConfig, LossConfig, TrainConfig]:
     """The preset's configs with the user's overrides applied (``None`` keeps the preset's value)."""
     model_cfg, loss_cfg = preset_configs(preset)
-    model_over = {"model": model, "n_codes": memory_size, "memory_update": memory_update,
+    model_over: dict[str, Any] = {"model": model, "n_codes": memory_size, "memory_update": memory_update,
                   "ema_momentum": ema_momentum, "gat_impl": gat_impl}
-    loss_over = {"alpha_omics": alpha_omics, "alpha_wsi": alpha_wsi}
+    loss_over: dict[str, Any] = {"alpha_omics": alpha_omics, "alpha_wsi": alpha_wsi}
     if no_recon:
         loss_over["reconstruction"] = False
     model_cfg = dataclasses.replace(model_cfg, **{k: v for k, v in model_over.items() if v is not None})
@@ -51,7 +52,7 @@ def build_configs(
                                         kmeans_patches=model_cfg.kmeans_patches, epochs=100, protocol="official")
     else:
         train_cfg = dataclasses.replace(train_cfg, kmeans_patches=model_cfg.kmeans_patches)
-    train_over = {"epochs": epochs, "patience": patience, "lr": lr}
+    train_over: dict[str, Any] = {"epochs": epochs, "patience": patience, "lr": lr}
     train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in train_over.items() if v is not None})
     return model_cfg, loss_cfg, train_cfg
 
