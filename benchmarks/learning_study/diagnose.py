@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from momkd.config import ModelConfig
 from momkd.data.cohort import load_splits
 from momkd.metrics import roc_auc
 from momkd.models.memory import nearest_code, usage_stats
@@ -58,10 +59,9 @@ def main(run: Path, cohort: Path) -> None:
             continue
         fold = int(fold_path.name.split("_")[1])
         model, meta = load_checkpoint(fold_path)
-        cfg = model.cfg if hasattr(model, "cfg") else None
-        store = SlideStore({s: cohort / "features" / f"{s}.h5" for ss in slides.values() for s in ss},
-                           k=cfg.k if cfg else 8, direction=cfg.graph_direction if cfg else "paper",
-                           expected_dim=meta["in_dim"])
+        cfg = ModelConfig.from_dict(meta["model_config"])
+        store = SlideStore({s: cohort / "features" / f"{s}.h5" for ss in slides.values() for s in ss}, k=cfg.k,
+                           direction=cfg.graph_direction, expected_dim=meta["in_dim"])
         memory = getattr(model, "memory", None)
         counts = {y: np.zeros((n_types + 1, memory.n_codes)) for y in (0, 1)} if memory is not None else {}
         projections = {0: [], 1: []}

@@ -14,11 +14,14 @@ out=${1:?usage: run_study.sh OUT_DIR [abmil|paper|no_distill|official ...]}
 shift
 runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=(abmil paper no_distill official)
+for run in "${runs[@]}"; do
+    case $run in abmil|paper|no_distill|official) ;; *) echo "run_study.sh: unknown run $run" >&2; exit 2 ;; esac
+done
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+out=$(realpath -m "$out")
 case "$out/" in "$repo"/*) echo "run_study.sh: OUT_DIR must be outside the repository ($repo)" >&2; exit 2 ;; esac
+mkdir -p "$out"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 epochs=20
@@ -35,7 +38,6 @@ for run in "${runs[@]}"; do
         paper) args=("${omics[@]}" --preset paper) ;;
         no_distill) args=("${omics[@]}" --preset paper --alpha-omics 0 --alpha-wsi 0) ;;
         official) args=("${omics[@]}" --preset official) ;;
-        *) echo "run_study.sh: unknown run $run" >&2; exit 2 ;;
     esac
     [ "$run" = abmil ] || [ -d "$out/abmil/splits" ] || { echo "run_study.sh: run abmil first (its splits)" >&2; exit 2; }
     [ "$run" = abmil ] || args+=(--splits "$out/abmil/splits")
