@@ -1,5 +1,6 @@
 """Atomic file writes (no torch): a file appears whole under its final name or not at all, with the permissions
-the process's umask gives an ordinary new file (``mkstemp`` alone would leave it 0600).
+the process's umask gives an ordinary new file (``mkstemp`` alone would leave it 0600), and the rename itself is
+made durable (the folder is fsynced where the filesystem allows it).
 
 ``atomic_path`` yields a temporary path in the destination's folder for writers that open files themselves
 (h5py, safetensors); on success it is fsynced and renamed over the destination, on failure removed.
@@ -7,6 +8,7 @@ the process's umask gives an ordinary new file (``mkstemp`` alone would leave it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +40,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; a filesystem that refuses fsync on a folder (some network mounts)
+    keeps the rename as durable as it can make it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

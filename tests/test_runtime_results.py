@@ -262,7 +262,7 @@ class HangOnCall:
         return self.inner.run(*args)
 
     def close(self):
-        pass
+        self.inner.close()
 
 be = HangOnCall(OnnxRuntimeBackend(Path(model_dir) / "model.onnx", "cpu", threads=1), int(n))
 run_inference(model_dir, folder, out, batch_patches=1, backend_obj=be)

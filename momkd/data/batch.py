@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from momkd.graph import neighbor_table
+
 INPUT_NAMES = ("features", "neighbors", "slide_offsets")
 OUTPUT_NAMES = ("probability", "logits", "attention", "patch_score")
 INPUT_SHAPES: dict[str, list[str | int]] = {
@@ -71,8 +73,6 @@ def graph_slide(slide_id: str, features: np.ndarray, coords: np.ndarray, k: int,
                 keep_coords: bool = True, **extra: Any) -> GraphSlide:
     """The unit of ``features`` (n, D) and ``coords`` (n, 2): float32 C-contiguous features and the neighbour
     table of ``coords`` (``k``, ``direction``); ``extra`` goes to :class:`GraphSlide` (index, meta, note)."""
-    from momkd.graph import neighbor_table
-
     t0 = time.perf_counter()
     neighbors = neighbor_table(coords, k=k, direction=direction)
     features = np.ascontiguousarray(features, dtype=np.float32)
@@ -128,10 +128,6 @@ class Pack:
     def n_slides(self) -> int:
         return len(self.entries)
 
-    def inputs(self) -> dict[str, np.ndarray]:
-        """The graph's inputs by name."""
-        return dict(zip(INPUT_NAMES, (self.features, self.neighbors, self.slide_offsets)))
-
     def release(self) -> None:
         """Drop the arrays (and give a reused features buffer back) once the backend has run on this pack."""
         if self.on_release is not None:
@@ -161,18 +157,11 @@ def shift_neighbors(neighbors: np.ndarray, offset: int, width: int | None = None
     return out
 
 
-def pack_offsets(sizes: Sequence[int]) -> np.ndarray:
-    """(B+1,) int64 row offsets of slides of ``sizes`` rows."""
-    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(np.asarray(sizes, dtype=np.int64))
-    return offsets
-
-
 def pack_slides(slides: Sequence[GraphSlide]) -> Pack:
     """All ``slides`` in one pack, whatever their total rows (the slides' own arrays are left untouched)."""
     if not slides:
         raise ValueError("cannot pack zero slides")
-    offsets = pack_offsets([s.n for s in slides])
+    offsets = np.concatenate([[0], np.cumsum([s.n for s in slides])]).astype(np.int64)
     width = max(1, max(int(s.neighbors.shape[1]) for s in slides))
     features = np.concatenate([np.asarray(s.features, dtype=np.float32) for s in slides], axis=0)
     neighbors = np.concatenate([shift_neighbors(np.asarray(s.neighbors, dtype=np.int64), int(start), width)

@@ -199,10 +199,12 @@ class OmicsTransform:
         """Fit selection and scaling on ``case_ids`` only (no other row of ``table`` is looked at)."""
         if len(case_ids) == 0:
             raise OmicsError(f"{table.source}: cannot fit the omics transform on zero cases")
-        if self.raw:
-            columns = np.arange(len(table.genes))
-            x = np.zeros((1, len(columns)))          # mean 0, std 1: the transform is the identity
-        elif self.genes is not None:
+        self.n_fit_cases = len(case_ids)
+        if self.raw:   # the identity: every gene as stored, mean 0, std 1
+            self.selected = list(table.genes)
+            self.mean, self.std = np.zeros(len(table.genes)), np.ones(len(table.genes))
+            return self
+        if self.genes is not None:
             columns = self._columns(table, self.genes, "gene list")
             x = self._prepare(table, case_ids, columns)
         else:
@@ -212,8 +214,7 @@ class OmicsTransform:
             x = x[:, columns]
         self.selected = [table.genes[j] for j in columns]
         self.mean = x.mean(axis=0)
-        self.std = np.ones(len(columns)) if self.raw else np.maximum(x.std(axis=0), STD_FLOOR)
-        self.n_fit_cases = len(case_ids)
+        self.std = np.maximum(x.std(axis=0), STD_FLOOR)
         return self
 
     def transform(self, table: OmicsTable, case_ids: Sequence[str]) -> np.ndarray:

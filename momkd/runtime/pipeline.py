@@ -15,6 +15,7 @@ after writing the rows finished so far).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ from momkd.errors import ModelFolderError, MomkdError
 from momkd.manifest import Manifest, load_manifest
 
 from .attention_io import attention_path, write_attention
-from .backends import Backend, select_backend
+from .backends import REQUIRED_OUTPUTS, Backend, select_backend
 from .discover import SlideFile, discover_slides
 from .heatmap_writer import HeatmapOptions, HeatmapReport, HeatmapWriter, heatmap_path
 from momkd.data.batch import GraphSlide, Pack, check_output_shapes, split_outputs
@@ -354,8 +355,9 @@ class InferenceRun:
             raise self.crashed[0]
 
     def feed(self) -> None:
-        """Every slide, in file order, into the packer; its packs, then the end mark, to the compute thread."""
-        try:
+        """Every slide, in file order, into the packer; its packs, then the end mark, to the compute thread.
+        ``PoolClosed`` means the run is stopping (the compute worker failed): its error is raised by ``run``."""
+        with contextlib.suppress(PoolClosed):
             while not self.reader.exhausted:
                 tw = time.perf_counter()
                 item = self.reader.take()                 # the next slide in file order (waits if not read yet)
@@ -365,8 +367,6 @@ class InferenceRun:
             if last is not None:
                 self.submit(last)
             self.submit(None)
-        except PoolClosed:  # the run is stopping (the compute worker failed): its error is raised by ``run``
-            pass
 
     def add_slide(self, item: GraphSlide | SlideFailure) -> None:
         if isinstance(item, GraphSlide):
@@ -492,7 +492,7 @@ class InferenceRun:
 
 
 def _check_outputs(outputs: dict[str, np.ndarray], pack: Pack) -> None:
-    problem = check_output_shapes(outputs, pack, ("probability", "attention", "patch_score"))
+    problem = check_output_shapes(outputs, pack, REQUIRED_OUTPUTS)
     if problem is not None:
         raise ModelFolderError(problem)
 

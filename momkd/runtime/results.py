@@ -27,11 +27,11 @@ import csv
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from momkd.atomic import write_text as atomic_write_text
 from momkd.errors import MomkdError
 
 COLUMNS = ("slide_id", "file", "status", "error", "n_patches", "probability", "prediction")
@@ -68,28 +68,6 @@ class ResultRow:
 def format_probability(p: float) -> str:
     """Round-trip precision for float32 (9 significant digits)."""
     return f"{float(p):.9g}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder, fsync, ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on a directory
-        pass
 
 
 def read_predictions(path: Path) -> list[ResultRow]:
