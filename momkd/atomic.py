@@ -16,6 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+# A temp name is ".<stem>.<8 random>.tmp": cap the stem (in bytes) so a target name near NAME_MAX (255) still fits.
+_TEMP_STEM = 200
+
+
 def current_umask() -> int:
     """The process's umask (read without changing it for longer than the call)."""
     mask = os.umask(0)
@@ -28,7 +32,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed over it (after fsync, with umask permissions) when the block
     exits normally, removed when it raises."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    stem = os.fsdecode(os.fsencode(path.name)[:_TEMP_STEM])
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -18,6 +18,14 @@ answer:
   the ``k``-th (so no tie at the ``k``-th distance can lie outside the candidates); other rows are asked again
   with twice as many candidates, until all candidates of the slide are in play.
 
+Repeated coordinates: ``neighbor_table`` (the one graph function of training and inference) refuses a slide
+whose coordinates repeat (:class:`DuplicateCoordsError`, naming how many rows repeat): TRIDENT and CLAM write
+every patch once, so a repeat means a broken coords dataset (all zeros, a patch written twice), and a
+neighbour search among rows at distance 0 has no meaningful answer and costs the square of the repeats (every
+tie at the k-th distance must be examined: 100k identical rows take hours). ``knn_table`` and
+``sklearn_knn_table`` themselves stay exact for repeats (ties at distance 0 by row index, resp. in tree order),
+at that quadratic cost.
+
 The ``official`` graph direction reproduces the authors' released code exactly, neighbour *sets* included: they
 build the k-NN with scikit-learn's ``kneighbors_graph`` (a KD-tree for 2-D coordinates), whose ties at the
 k-th distance fall in tree order, not by row index; on a patch grid about half the rows then get a different
@@ -39,6 +47,21 @@ _LATTICE_CELLS_PER_ROW = 32   # the lattice path's dense map may hold at most th
 _STENCIL_FACTOR = 3           # the stencil holds at least this many times k lattice offsets
 _TREE_REL_TOL = 1e-9          # slack for the tree's own rounding when checking that a candidate set is complete
 _CHUNK_ELEMENTS = 2**22       # rows x candidates per tree query batch (bounds memory on heavy duplicates)
+
+
+class DuplicateCoordsError(ValueError):
+    """Two or more rows of a slide sit at the same coordinates (``neighbor_table`` refuses such a slide)."""
+
+
+def repeated_rows(coords: np.ndarray) -> int:
+    """How many rows of ``coords`` (N, 2) repeat the position of another row (N minus the distinct positions);
+    validates ``coords`` as :func:`knn_table` does. O(N log N)."""
+    c = _exact_coords(coords)
+    if len(c) < 2:
+        return 0
+    order = np.lexsort((c[:, 1], c[:, 0]))
+    s = c[order]
+    return int(((s[1:, 0] == s[:-1, 0]) & (s[1:, 1] == s[:-1, 1])).sum())
 
 
 def _exact_coords(coords: np.ndarray) -> np.ndarray:
@@ -164,7 +187,9 @@ def knn_table(coords: np.ndarray, k: int = 8) -> np.ndarray:
 
     Returns:
         (N, k) int64: row i lists the k rows j != i nearest to row i by Euclidean distance, ordered by
-        (distance, j); duplicate coordinates are at distance 0. When N <= k a row has N - 1 neighbours, then -1.
+        (distance, j); duplicate coordinates are at distance 0 (exact, but the search costs the square of the
+        largest group of repeats: ``neighbor_table`` refuses repeats). When N <= k a row has N - 1 neighbours,
+        then -1.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -261,9 +286,20 @@ def neighbor_table(coords: np.ndarray, k: int = 8, direction: str = "paper") -> 
 
     Returns:
         (N, W) int64, -1 padded, no self: W = k for "paper", the maximum in-degree (>= 1) for "official".
+
+    Raises:
+        DuplicateCoordsError: coordinates repeat (see the module docstring); checked in O(N log N) before any
+            neighbour search, for both directions.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
+    if direction == "official":
+        sklearn_version()   # the missing library is the model's problem, not this slide's: say it first
+    repeats = repeated_rows(coords)
+    if repeats:
+        raise DuplicateCoordsError(
+            f"coords repeat: {repeats} of {len(coords)} rows sit at the position of another row (TRIDENT/CLAM "
+            "write every patch once; a neighbour graph needs distinct patch positions)")
     if direction == "paper":
         return knn_table(coords, k)
     return reverse_table(sklearn_knn_table(coords, k))

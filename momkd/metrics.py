@@ -11,6 +11,7 @@ and of the paper's Table 1 (which reports it per slide).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +20,15 @@ from momkd.data.cohort import SlideLabel, case_level
 
 DEFAULT_THRESHOLD = 0.5
 SUMMARY_KEYS = ("auc", "acc", "f1", "f1_macro")  # the scores of binary_metrics that runs average over folds
+UNDEFINED_AUC = "undefined (one class)"  # how an AUC that ``roc_auc`` cannot define (NaN) is printed
+
+
+def auc_text(auc: float, std: float | None = None) -> str:
+    """An AUC for a progress line or a summary, 3 decimals (``' ± std'`` when given); ``UNDEFINED_AUC`` when it
+    is NaN (only one class among the scored items; for a mean over folds: in at least one fold)."""
+    if math.isnan(float(auc)):
+        return UNDEFINED_AUC
+    return f"{float(auc):.3f}" if std is None else f"{float(auc):.3f} ± {float(std):.3f}"
 
 
 def _labels(y: np.ndarray | Sequence[int], name: str) -> np.ndarray:

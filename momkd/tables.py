@@ -53,7 +53,9 @@ COLUMNS = (("case", "auc"), ("case", "acc"), ("case", "f1"), ("case", "f1_macro"
 LEGEND = ("case = per case (a case's probability is the mean of its slides'; ours), slide = per slide; "
           "F1 = F1 of the positive class, macro F1 = mean of both classes' F1; per slide, macro F1 is the "
           "definition of the authors' test.py and the paper's Table 1. Every column uses the fold's threshold "
-          "chosen on validation (max per-case F1).")
+          "chosen on validation (max per-case F1). An AUC reads 'undefined' where the split (for mean ± std, "
+          "some fold's split) held only one class.")
+UNDEFINED = "undefined"  # the cell of an AUC that the split cannot define (one class only)
 
 
 def percent(value: float) -> str:
@@ -66,6 +68,14 @@ def _value(metrics: Mapping[str, Any] | None, key: str) -> float:
     return float(metrics[key]) if metrics and key in metrics else math.nan
 
 
+def _cell(metrics: Mapping[str, Any] | None, key: str) -> str:
+    """``percent`` of ``metrics[key]``; ``UNDEFINED`` for a NaN AUC (one class), ``'n/a'`` where it is absent."""
+    value = _value(metrics, key)
+    if key == "auc" and metrics and key in metrics and math.isnan(value):
+        return UNDEFINED
+    return percent(value)
+
+
 def _header(level: str, key: str) -> str:
     return f"{level} {METRIC_NAMES[key]} (%)"
 
@@ -76,6 +86,8 @@ def mean_std_cell(summary: Mapping[str, Any], level: str, key: str) -> str:
     mean = summary.get(mean_key) or {}
     if key not in mean:
         return "n/a"
+    if _cell(mean, key) == UNDEFINED:
+        return UNDEFINED
     return f"{percent(mean[key])} ± {percent(_value(summary.get(std_key), key))}"
 
 
@@ -83,7 +95,7 @@ def cv_table(summary: Mapping[str, Any]) -> Table:
     """Test metrics (%, ``COLUMNS``) per fold with its validation-chosen threshold, and mean ± std as the footer."""
     header = ("fold", "threshold", *(_header(level, k) for level, k in COLUMNS))
     rows = [(str(r["fold"]), f"{r['threshold']:.3f}",
-             *(percent(_value(r.get(LEVELS[level][0]), k)) for level, k in COLUMNS)) for r in summary["folds"]]
+             *(_cell(r.get(LEVELS[level][0]), k) for level, k in COLUMNS)) for r in summary["folds"]]
     footer = ("mean ± std", "", *(mean_std_cell(summary, level, k) for level, k in COLUMNS))
     return Table(header, rows, footer)
 

@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
     "export": ("momkd.cli.cmd_export:export_run", ["{tmp}/run", "--out", "{tmp}/model"]),
     "report": ("momkd.report.build:build_report", ["{tmp}/run", "--out", "{tmp}/report"]),
     "bench": ("momkd.runtime.bench:run_bench", ["{tmp}/model", "-q"]),
+    "serve": ("momkd.manifest:load_manifest", ["{tmp}/model"]),
 }
 
 
@@ -109,8 +110,9 @@ def test_debug_switch_lets_the_exception_through(command: str, tmp_path: Path,
 
 
 @pytest.mark.parametrize("command,hint", [
-    ("export", "momkd export needs the training and export extras (pip install momkd[train,export])"),
-    ("report", "momkd report needs matplotlib (pip install momkd[plot])"),
+    ("export", "momkd export needs the training and export extras (pip install 'momkd[train,export]')"),
+    ("report", "momkd report needs matplotlib (pip install 'momkd[plot]')"),
+    ("serve", "momkd serve needs the Triton server and client (pip install 'momkd[serve]')"),
 ])
 def test_missing_extra_is_a_usage_error_with_the_install_hint(command: str, hint: str, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:

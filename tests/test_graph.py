@@ -281,3 +281,31 @@ def test_imports_without_torch() -> None:
             "assert g.neighbor_table(np.array([[0, 0], [256, 0], [0, 256]]), 8, 'official').shape == (3, 2)\n"
             "assert 'torch' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("direction", ["paper", "official"])
+def test_repeated_coords_are_refused_in_linearithmic_time(direction: str) -> None:
+    """100k identical rows: an exact k-NN would take hours (every tie at distance 0 examined); refused at once."""
+    if direction == "official":
+        pytest.importorskip("sklearn")
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(graph.DuplicateCoordsError, match=r"coords repeat: 99999 of 100000 rows"):
+        neighbor_table(np.zeros((100_000, 2), np.int64), 8, direction)
+    assert time.perf_counter() - t0 < 5
+    coords = CASES["grid_with_holes"].copy()
+    coords[17] = coords[400]
+    coords[18] = coords[400]
+    with pytest.raises(graph.DuplicateCoordsError, match=rf"coords repeat: 2 of {len(coords)} rows"):
+        neighbor_table(coords, 8, direction)
+
+
+def test_repeated_rows_counts_exact_repeats_only() -> None:
+    assert graph.repeated_rows(np.zeros((0, 2))) == 0
+    assert graph.repeated_rows(np.array([[1.5, 2.0], [1.5, 2.0], [2.0, 1.5], [1.5, 2.0000001]])) == 1
+    assert graph.repeated_rows(CASES["duplicates"]) == len(CASES["duplicates"]) - len(np.unique(CASES["duplicates"],
+                                                                                                   axis=0))
+    for name in ("regular_grid_shuffled", "grid_with_holes", "random_float", "collinear_diagonal"):
+        assert graph.repeated_rows(CASES[name]) == 0, name
+        np.testing.assert_array_equal(neighbor_table(CASES[name], 8), knn_table(CASES[name], 8))

@@ -195,12 +195,11 @@ def test_model_errors_stop_before_anything_is_written(toy, good, tmp_path: Path)
     assert not (tmp_path / "out").exists()
 
 
-def test_empty_folder(toy, tmp_path: Path) -> None:
+def test_empty_folder_is_a_usage_error(toy, tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
-    messages = []
-    summary = run_inference(toy[0], tmp_path / "in", tmp_path / "out", log=messages.append)
-    assert summary.n_files == 0 and summary.exit_code == 0 and rows(tmp_path / "out") == []
-    assert any("no .h5 files" in m for m in messages)
+    with pytest.raises(UsageError, match="no .h5 files in"):
+        run_inference(toy[0], tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 class _Wrapped:

@@ -37,17 +37,17 @@ def lines(out: Path) -> list[str]:
 
 def test_writer_is_atomic_and_ordered(tmp_path: Path) -> None:
     w = ResultsWriter(tmp_path, 3)
-    w.set(2, ResultRow.ok("c", "c.h5", 4, 0.123456789123, "pos"))
+    w.set(2, ResultRow.ok("c", "c.h5", 4, 0.123456789123, "pos", threshold=0.48))
     w.set(0, ResultRow.failed("a", "a.h5", "empty: slide has\nno patches", 0))
     w.flush()
-    assert lines(tmp_path) == [",".join(COLUMNS), "a,a.h5,error,empty: slide has no patches,0,,",
-                               "c,c.h5,ok,,4,0.123456789,pos"]
+    assert lines(tmp_path) == [",".join(COLUMNS), "a,a.h5,error,empty: slide has no patches,0,,,",
+                               "c,c.h5,ok,,4,0.123456789,pos,0.48"]
     assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]    # no temp file left
 
     def boom(src, dst):
         raise OSError("disk full")
 
-    w.set(1, ResultRow.ok("b", "b.h5", 1, 0.5, "pos"))
+    w.set(1, ResultRow.ok("b", "b.h5", 1, 0.5, "pos", threshold=0.5))
     real = os.replace
     os.replace = boom
     try:
@@ -164,19 +164,19 @@ def test_resume_with_attention_redoes_slides_without_an_attention_file(model_dir
 def test_writer_appends_pending_rows_and_rewrites_in_order(tmp_path: Path) -> None:
     w = ResultsWriter(tmp_path, 4)
     w.flush()                                                   # header only (the start of a run)
-    w.set(3, ResultRow.ok("d", "d.h5", 2, 0.75, "pos"))
+    w.set(3, ResultRow.ok("d", "d.h5", 2, 0.75, "pos", threshold=0.5))
     w.set(1, ResultRow.failed("b", "b.h5", "unreadable: x"))
     size = (tmp_path / "predictions.csv").stat().st_size
     w.commit()                                                  # appended, sorted among themselves
-    assert lines(tmp_path)[1:] == ["b,b.h5,error,unreadable: x,,,", "d,d.h5,ok,,2,0.75,pos"]
-    assert (tmp_path / "predictions.csv").stat().st_size - size == len("b,b.h5,error,unreadable: x,,,\n"
-                                                                       "d,d.h5,ok,,2,0.75,pos\n")
+    assert lines(tmp_path)[1:] == ["b,b.h5,error,unreadable: x,,,,", "d,d.h5,ok,,2,0.75,pos,0.5"]
+    assert (tmp_path / "predictions.csv").stat().st_size - size == len("b,b.h5,error,unreadable: x,,,,\n"
+                                                                       "d,d.h5,ok,,2,0.75,pos,0.5\n")
     w.commit()                                                  # nothing pending: nothing written
-    w.set(0, ResultRow.ok("a", "a.h5", 1, 0.25, "neg"))
+    w.set(0, ResultRow.ok("a", "a.h5", 1, 0.25, "neg", threshold=0.5))
     w.commit()
     assert [r.slide_id for r in read_predictions(tmp_path / "predictions.csv")] == ["b", "d", "a"]
     with pytest.raises(ValueError, match="a second row"):
-        w.set(3, ResultRow.ok("d", "d.h5", 2, 0.75, "pos"))
+        w.set(3, ResultRow.ok("d", "d.h5", 2, 0.75, "pos", threshold=0.5))
     w.flush()                                                   # the end of a run: discovery order
     assert [r.slide_id for r in read_predictions(tmp_path / "predictions.csv")] == ["a", "b", "d"]
     assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]

@@ -180,11 +180,13 @@ def test_chunk_read_matches_hdf5(tmp_path: Path, layout: dict, fast: bool) -> No
     np.testing.assert_array_equal(read_slide(tmp_path / "s.h5").features, expected.astype(np.float32))
 
 
-def test_unwritten_chunks_read_as_hdf5_does(tmp_path: Path) -> None:
+def test_unwritten_chunks_are_refused_not_read_as_fill_values(tmp_path: Path) -> None:
     f, c = sample(10, 4)
     with h5py.File(tmp_path / "s.h5", "w") as h5:
         h5.create_dataset("features", shape=(10, 4), chunks=(1, 4), dtype="f4")[:5] = f[:5]
         h5["coords"] = c
     with h5py.File(tmp_path / "s.h5", "r") as h5:
         assert _read_row_chunks(h5["features"]) is None
-    np.testing.assert_array_equal(read_slide(tmp_path / "s.h5").features, np.r_[f[:5], np.zeros((5, 4), np.float32)])
+    with pytest.raises(SlideError, match="features rows 5-9 were never written") as info:
+        read_slide(tmp_path / "s.h5")
+    assert info.value.code == "incomplete"

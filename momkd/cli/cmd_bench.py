@@ -13,10 +13,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from momkd.cli.console import CliConsole
 from momkd.cli.errors import handle_errors
 from momkd.errors import MomkdError
 
-console = Console(stderr=True)
+console = CliConsole(stderr=True)
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -52,7 +53,7 @@ def bench(
     slides_per_pack: Annotated[str, typer.Option("--slides-per-pack", help="Slides packed into one call, comma-separated.")] = "1,8",
     backends: Annotated[str, typer.Option("--backends", help="Any of onnxruntime, torch, tensorrt (comma-separated).")] = "onnxruntime,torch,tensorrt",
     devices: Annotated[str, typer.Option("--devices", help="Any of cpu, cuda (comma-separated).")] = "cpu,cuda",
-    precision: Annotated[str, typer.Option("--precision", help="Any of fp32, fp16, bf16 (comma-separated).")] = "fp32,fp16",
+    precision: Annotated[str, typer.Option("--precision", help="Any of fp32, fp16, bf16, int8 (comma-separated; int8: the folder's model.int8.onnx on the CPU, from `momkd export --precision int8`).")] = "fp32,fp16,int8",
     repeat: Annotated[int, typer.Option("--repeat", help="Timed calls per measurement (median and p90 over them).", min=1)] = 10,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls first.", min=0)] = 2,
     max_rows: Annotated[int, typer.Option("--max-rows", help="Skip packs of more rows than this (memory guard).", min=1)] = 262_144,

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from momkd.cli.console import CliConsole
 from momkd.cli.errors import USAGE_ERROR, handle_errors
 from momkd.errors import MomkdError
 from momkd.synth import DIFFICULTIES, KINDS
@@ -22,8 +22,8 @@ else:
     SynthKind = Literal[KINDS]
     SynthDifficulty = Literal[tuple(DIFFICULTIES)]
 
-out = Console()
-err = Console(stderr=True)
+out = CliConsole()
+err = CliConsole(stderr=True)
 
 
 @handle_errors()
@@ -35,16 +35,23 @@ def validate(
     omics: Annotated[Optional[Path], typer.Option("--omics", help="Omics: folder of per-case .npy or a CSV/TSV matrix with case_id.")] = None,
     folds: Annotated[int, typer.Option(help="Planned cross-validation folds (checks each class has enough cases).", min=2)] = 5,
     no_omics: Annotated[bool, typer.Option("--no-omics", help="Histology only: do not load or require omics.")] = False,
+    no_log2: Annotated[bool, typer.Option("--no-log2", help="Omics are already log-transformed (as for momkd train).")] = False,
+    omics_raw: Annotated[bool, typer.Option("--omics-raw", help="Omics are fed as stored (as for momkd train --omics-raw).")] = False,
 ) -> None:
-    """Check a cohort and list every problem, one line each (exit 2 if there is any)."""
+    """Check a cohort and list every problem, one line each (exit 2 if there is any). Omics get the checks
+    ``momkd train`` applies with the same --no-log2/--omics-raw; warnings (e.g. constant genes) refuse nothing."""
     from rich.progress import Progress
 
+    from momkd.data.omics import OmicsTransform
     from momkd.data.validate import validate_cohort
 
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("reading slides", total=None)
         report = validate_cohort(cohort, features, None if no_omics else omics, label_col, positive, folds=folds,
-                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                 omics_transform=OmicsTransform(log2=not (no_log2 or omics_raw), raw=omics_raw))
+    for warning in report.warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if not report.ok:
         for problem in report.problems:
             out.print(str(problem), markup=False, highlight=False, soft_wrap=True)

@@ -18,14 +18,17 @@ streaming packer (``momkd.runtime.packing.Packer``) builds the same packs into r
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from momkd.graph import neighbor_table
+from momkd.errors import SlideDuplicateCoordsError, SlideEncoderError
+from momkd.graph import DuplicateCoordsError, neighbor_table
 
 INPUT_NAMES = ("features", "neighbors", "slide_offsets")
 OUTPUT_NAMES = ("probability", "logits", "attention", "patch_score")
@@ -80,16 +83,39 @@ def graph_slide(slide_id: str, features: np.ndarray, coords: np.ndarray, k: int,
                       graph_s=time.perf_counter() - t0, **extra)
 
 
+def same_encoder(a: str, b: str) -> bool:
+    """Do two encoder names name the same encoder? Compared case-insensitively, ignoring everything but letters
+    and digits (``uni_v2``, ``UNI-v2`` and ``univ2`` match); aliases (``UNI2-h`` for ``uni_v2``) do not."""
+    def key(name: str) -> str:
+        return re.sub(r"[^0-9a-z]", "", name.lower())
+
+    return key(a) == key(b)
+
+
 def load_graph_slide(path: str | os.PathLike[str], k: int, direction: str, *, slide_id: str | None = None,
-                     expected_dim: int | None = None, keep_coords: bool = True, **extra: Any) -> GraphSlide:
-    """``read_slide`` (every check of the slide contract; raises its ``SlideError``) then :func:`graph_slide`."""
+                     expected_dim: int | None = None, expected_encoder: str | None = None, keep_coords: bool = True,
+                     on_read: Callable[[], None] | None = None, **extra: Any) -> GraphSlide:
+    """``read_slide`` (every check of the slide contract; raises its ``SlideError``) then :func:`graph_slide`
+    (repeated coordinates raise ``SlideDuplicateCoordsError``). With ``expected_encoder`` (the model's), a slide
+    whose ``encoder`` attribute names another encoder (:func:`same_encoder`) raises ``SlideEncoderError``; a
+    slide without the attribute (CLAM) is accepted. ``on_read()`` is called once the slide is read and checked,
+    before the neighbour graph is built (the runtime's slide timeout names the stage)."""
     from momkd.data.slide import read_slide
 
     t0 = time.perf_counter()
     slide = read_slide(path, expected_dim=expected_dim)
+    found = slide.attrs.encoder
+    if expected_encoder and found and not same_encoder(found, expected_encoder):
+        raise SlideEncoderError(Path(path), f"encoder {found!r} does not match the model's {expected_encoder!r} "
+                                "(--allow-encoder-mismatch uses it anyway)")
     read_s = time.perf_counter() - t0
-    unit = graph_slide(slide_id or slide.slide_id, slide.features, slide.coords, k, direction,
-                       keep_coords=keep_coords, **extra)
+    if on_read is not None:
+        on_read()
+    try:
+        unit = graph_slide(slide_id or slide.slide_id, slide.features, slide.coords, k, direction,
+                           keep_coords=keep_coords, **extra)
+    except DuplicateCoordsError as e:
+        raise SlideDuplicateCoordsError(Path(path), str(e)) from None
     unit.read_s = read_s
     return unit
 

@@ -1,6 +1,7 @@
 """The cohort table (case, slide, label) and case-level stratified cross-validation splits.
 
-Cohort CSV: ``case_id``, ``slide_id`` (a slide file name such as ``X.svs`` is reduced to its stem ``X``), and
+Cohort CSV: ``case_id``, ``slide_id`` (a slide file name such as ``X.svs`` is reduced to its stem ``X``; it
+names ``X.h5`` inside the features folder, so path separators, ``..`` and control characters are refused), and
 a label column with exactly two values, one of which the user names as positive (case-insensitive). A case
 may have several slides; every slide belongs to one case.
 
@@ -88,6 +89,17 @@ def read_table(path: str | os.PathLike[str], error: type[MomkdError] = CohortErr
     if header is None:
         raise error(f"{path}: empty file")
     return Table(path, header, rows)
+
+
+def slide_id_problem(slide_id: str) -> str | None:
+    """Why ``slide_id`` cannot name a file inside the features folder (``None`` when it can): a path separator,
+    ``.``/``..``, a drive or absolute path, or a control character (NUL included) would read another file."""
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in slide_id):
+        return f"slide_id {slide_id!r} contains a control character"
+    if "/" in slide_id or "\\" in slide_id or slide_id in (".", "..") or os.path.isabs(slide_id):
+        return (f"slide_id {slide_id!r} is a path, not a file name (it must name {{slide_id}}.h5 inside the "
+                "features folder: no '/', '\\' or '..')")
+    return None
 
 
 def slide_stem(slide_id: str) -> str:
@@ -190,6 +202,10 @@ def _parse_cohort(path: Path, label_col: str, positive: str, problems: list[Prob
         if not case or not slide or not value:
             empty_cols = [n for n, v in zip(wanted, (case, slide, value)) if not v]
             problems.append(Problem(where(line), f"empty {', '.join(empty_cols)}"))
+            continue
+        unsafe = slide_id_problem(slide)
+        if unsafe is not None:
+            problems.append(Problem(where(line), unsafe))
             continue
         key = value.casefold()
         written.setdefault(key, value)

@@ -3,6 +3,10 @@
 ``OmicsTransform`` turns raw expression into model input: log2(x + 1) (optional), gene selection (the top-N
 genes by variance, or a user list) and z-scoring. Selection and scaling are fitted on the training cases of
 a fold only, so validation and test cases never influence them; the fitted transform is saved as JSON.
+
+``OmicsTransform.check`` is the one check of whether a transform can be fitted on a set of cases (negative values
+under log2, an unknown gene list, genes constant across the cases): ``momkd validate`` applies it to the whole
+cohort before training, and ``fit`` applies it to each fold's training cases.
 """
 
 from __future__ import annotations
@@ -147,6 +151,23 @@ def _load_matrix(path: Path) -> OmicsTable:
     return OmicsTable(list(first_line), genes, values, str(path))
 
 
+@dataclass(frozen=True)
+class OmicsCheck:
+    """What fitting an ``OmicsTransform`` on a set of cases meets (one line each, naming the omics source).
+
+    Attributes:
+        problems: reasons it cannot be fitted (``fit`` raises them): negative values under log2, genes of the
+            gene list missing or repeated, cases without omics, every gene constant.
+        warnings: it can, but some genes are constant across the cases (count and first names): they carry no
+            signal, and z-scoring floors their std at 1e-6.
+        constant_genes: names of those genes, in table order.
+    """
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    constant_genes: list[str] = field(default_factory=list)
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -184,6 +205,7 @@ class OmicsTransform:
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
         self.n_fit_cases = 0
+        self.warnings: list[str] = []   # the fitting cases' OmicsCheck warnings (constant genes), after ``fit``
 
     @property
     def fitted(self) -> bool:
@@ -195,20 +217,54 @@ class OmicsTransform:
         selected, _, _ = self._require_fitted()
         return len(selected)
 
-    def fit(self, table: OmicsTable, case_ids: Sequence[str]) -> OmicsTransform:
-        """Fit selection and scaling on ``case_ids`` only (no other row of ``table`` is looked at)."""
+    def check(self, table: OmicsTable, case_ids: Sequence[str]) -> OmicsCheck:
+        """Every problem fitting this transform on ``case_ids`` meets, and a warning for genes constant across
+        them (the genes it would choose from: the gene list, else all). ``fit`` refuses on exactly these
+        problems, so a cohort that passes ``momkd validate`` with the same settings trains."""
+        return self._inspect(table, case_ids)[0]
+
+    def _inspect(self, table: OmicsTable, case_ids: Sequence[str]
+                 ) -> tuple[OmicsCheck, np.ndarray | None, np.ndarray | None]:
+        """``check``, and the prepared (len(case_ids), G') values with their G' table columns (None, None when a
+        problem stops before them)."""
         if len(case_ids) == 0:
-            raise OmicsError(f"{table.source}: cannot fit the omics transform on zero cases")
+            return OmicsCheck([f"{table.source}: cannot fit the omics transform on zero cases"]), None, None
+        try:
+            columns = (self._columns(table, self.genes, "gene list") if self.genes is not None
+                       else np.arange(len(table.genes)))
+            x = table.rows(case_ids)[:, columns].astype(np.float64)
+        except OmicsError as e:
+            return OmicsCheck([str(e)]), None, None
+        if self.log2:
+            negative = self._negative(table, case_ids, columns, x)
+            if negative is not None:
+                return OmicsCheck([negative]), None, None
+            x = np.log2(x + 1.0)
+        if len(case_ids) < 2:   # one case: every gene is trivially constant
+            return OmicsCheck(), x, columns
+        constant = [table.genes[j] for j in columns[np.ptp(x, axis=0) == 0]]
+        where = f"{table.source}: {len(constant)} of {len(columns)} gene(s)"
+        if len(constant) == len(columns):
+            return OmicsCheck([f"{where} (all) are constant across the {len(case_ids)} cases: the omics carry no "
+                               "signal"], constant_genes=constant), x, columns
+        warnings = [f"{where} are constant across the {len(case_ids)} cases and carry no signal: "
+                    f"{preview(constant)}"] if constant else []
+        return OmicsCheck(warnings=warnings, constant_genes=constant), x, columns
+
+    def fit(self, table: OmicsTable, case_ids: Sequence[str]) -> OmicsTransform:
+        """Fit selection and scaling on ``case_ids`` only (no other row of ``table`` is looked at).
+
+        Raises ``OmicsError`` with ``check``'s problems; its warnings are kept in ``warnings``."""
+        checked, x, columns = self._inspect(table, case_ids)
+        if checked.problems or x is None or columns is None:
+            raise OmicsError("; ".join(checked.problems))
         self.n_fit_cases = len(case_ids)
+        self.warnings = list(checked.warnings)
         if self.raw:   # the identity: every gene as stored, mean 0, std 1
             self.selected = list(table.genes)
             self.mean, self.std = np.zeros(len(table.genes)), np.ones(len(table.genes))
             return self
-        if self.genes is not None:
-            columns = self._columns(table, self.genes, "gene list")
-            x = self._prepare(table, case_ids, columns)
-        else:
-            x = self._prepare(table, case_ids, np.arange(len(table.genes)))
+        if self.genes is None:
             top = np.argsort(-x.var(axis=0), kind="stable")[: self.n_genes]
             columns = np.sort(top)
             x = x[:, columns]
@@ -228,13 +284,21 @@ class OmicsTransform:
         x = table.rows(case_ids)[:, columns].astype(np.float64)
         if not self.log2:
             return x
-        negative = np.argwhere(x < 0)
-        if negative.size:
-            r, j = negative[0]
-            raise OmicsError(f"{table.source}: negative value {x[r, j]:g} (case {case_ids[r]}, gene "
-                             f"{table.genes[columns[j]]}) cannot be log2(x+1)-transformed; use --no-log2 if the "
-                             f"values are already log-scaled")
+        negative = self._negative(table, case_ids, columns, x)
+        if negative is not None:
+            raise OmicsError(negative)
         return np.log2(x + 1.0)
+
+    @staticmethod
+    def _negative(table: OmicsTable, case_ids: Sequence[str], columns: np.ndarray, x: np.ndarray) -> str | None:
+        """The problem of raw values ``x`` (len(case_ids), len(columns)) that log2(x + 1) cannot take, if any."""
+        negative = np.argwhere(x < 0)
+        if not negative.size:
+            return None
+        r, j = negative[0]
+        return (f"{table.source}: negative value {x[r, j]:g} (case {case_ids[r]}, gene {table.genes[columns[j]]}) "
+                f"cannot be log2(x+1)-transformed ({len(negative)} negative value(s) in all); use --no-log2 if the "
+                "values are already log-scaled")
 
     @staticmethod
     def _columns(table: OmicsTable, genes: Sequence[str], what: str) -> np.ndarray:

@@ -1,9 +1,11 @@
 """Whole-cohort validation: every problem at once, one line each, and the validated data for reuse.
 
 ``validate_cohort`` checks the cohort table, reads every slide file fully (the same reader training and
-inference use), checks feature dims and encoders agree, loads the omics and checks every case has them, and
-checks each class has enough cases for the folds. Training refuses to start unless ``report.ok``; it then
-reuses ``report.cohort``, ``report.slide_paths`` and ``report.omics`` without parsing anything again.
+inference use), checks feature dims and encoders agree, loads the omics and checks every case has them and that
+the omics transform training will fit can be fitted on them (``OmicsTransform.check``, the check ``fit`` itself
+applies), and checks each class has enough cases for the folds. Training refuses to start unless ``report.ok``;
+it then reuses ``report.cohort``, ``report.slide_paths`` and ``report.omics`` without parsing anything again.
+``report.warnings`` are worth a line but refuse nothing (genes constant across the cases).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from momkd.data.cohort import Cohort, Problem, load_cohort, min_cases_per_class
-from momkd.data.omics import OmicsTable, load_omics
+from momkd.data.omics import OmicsTable, OmicsTransform, load_omics
 from momkd.data.slide import read_slide
 from momkd.errors import OmicsError, SlideError
 
@@ -36,6 +38,7 @@ class CohortReport:
         cohort: the parsed cohort (best effort when there are problems).
         slide_paths: slide id -> ``.h5`` path, for every slide that passed all checks.
         omics: the omics table, when given and loadable.
+        warnings: usable but worth a line each (genes constant across the cohort's cases).
     """
 
     problems: list[Problem]
@@ -43,6 +46,7 @@ class CohortReport:
     cohort: Cohort
     slide_paths: dict[str, Path] = field(default_factory=dict)
     omics: OmicsTable | None = None
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -59,6 +63,7 @@ def validate_cohort(
     expected_dim: int | None = None,
     require_omics: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    omics_transform: OmicsTransform | None = None,
 ) -> CohortReport:
     """Check a cohort end to end and collect every problem.
 
@@ -71,6 +76,9 @@ def validate_cohort(
         expected_dim: the feature dim a model needs; ``None``: the slides must agree among themselves.
         require_omics: with ``omics_path``, a case without omics is a problem.
         progress: called as ``progress(done, total)`` after each slide file.
+        omics_transform: the (unfitted) transform training will fit, e.g. ``OmicsTransform(log2=False)`` for
+            ``--no-log2``: its ``check`` over the cohort's cases with omics adds its problems and warnings.
+            ``None``: only the checks every setting shares (genes constant across the cases).
 
     Returns:
         ``CohortReport``; never raises for bad data.
@@ -123,6 +131,7 @@ def validate_cohort(
                                     f"{len(values)} slides)"))
 
     omics: OmicsTable | None = None
+    warnings: list[Problem] = []
     if omics_path is not None:
         try:
             omics = load_omics(omics_path)
@@ -131,6 +140,12 @@ def validate_cohort(
         else:
             if require_omics:
                 problems += [Problem(f"case {c}", f"no omics in {omics_path}") for c in cohort.cases if c not in omics]
+            with_omics = [c for c in cohort.cases if c in omics]
+            if with_omics:   # without the training settings, the identity transform checks what all settings share
+                transform = omics_transform if omics_transform is not None else OmicsTransform(log2=False, raw=True)
+                checked = transform.check(omics, with_omics)
+                problems += [Problem("omics", p) for p in checked.problems]
+                warnings += [Problem("omics", w) for w in checked.warnings]
 
     counts = cohort.class_counts()
     if folds >= 2 and cohort.cases and all(counts.values()):
@@ -151,7 +166,8 @@ def validate_cohort(
         "omics_cases": sum(c in omics for c in cohort.cases) if omics is not None else None,
         "unlisted_files": unlisted,
     }
-    return CohortReport(problems=problems, summary=summary, cohort=cohort, slide_paths=slide_paths, omics=omics)
+    return CohortReport(problems=problems, summary=summary, cohort=cohort, slide_paths=slide_paths, omics=omics,
+                        warnings=warnings)
 
 
 def _majority(values: Mapping[str, Hashable]) -> tuple[Any, dict[str, Any]]:

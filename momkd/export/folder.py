@@ -3,6 +3,7 @@
 Folder layout::
 
     MODEL_DIR/model.onnx      single-file ONNX graph (fp32, or fp16 matmuls with fp32 I/O for --fp16)
+    MODEL_DIR/model.int8.onnx int8 twin of model.onnx (--precision int8; written only when its accuracy gates pass)
     MODEL_DIR/model.pt        TorchScript twin (torch.jit.trace of the same fp32 frozen module), for the torch backend
     MODEL_DIR/model.plan      TensorRT engine (--format trt) + timing.cache beside it
     MODEL_DIR/manifest.json   what the runtime needs to trust and run the folder (momkd.manifest)
@@ -17,17 +18,20 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from momkd.atomic import current_umask
 from momkd.errors import MomkdError, RunFolderError
+from momkd.export.gates import GateError
+from momkd.export.quantize import add_reduced_graphs, check_precisions
 from momkd.graph import sklearn_version
 
 ONNX_NAME = "model.onnx"
 TORCH_NAME = "model.pt"
-FORMATS = ("onnx", "trt")
+MODEL_FORMATS = ("onnx", "trt")                 # what export_run writes: a model folder
+FORMATS = MODEL_FORMATS + ("triton",)           # `momkd export --format`: triton, a repository (export.triton_repo)
 
 
 class ModelDirExistsError(MomkdError):
@@ -94,23 +98,34 @@ def export_run(
     max_rows: int = 30000,
     profile: Any = None,
     log: Callable[[str], None] | None = None,
+    precisions: Sequence[str] = ("fp32",),
+    gate_limits: Any = None,
+    force_precision: bool = False,
 ) -> dict[str, Any]:
     """Freeze ``run_dir`` (every fold, or fold ``fold``) into ``out_dir``; returns the manifest written.
 
     ``fmt="trt"`` additionally builds a TensorRT engine from the same ONNX graph; without TensorRT it raises
     ``TensorRTUnavailableError`` after the ONNX folder has been written. Raises ``RunFolderError`` for a
     missing/unfinished run, ``ExportError``/``ExportVerificationError`` when the graph breaks its contract.
+    ``precisions``: also ``"int8"`` for ``model.int8.onnx`` (``momkd.export.quantize``), gated against fp32 by
+    ``gate_limits`` (``momkd.export.gates.GateLimits``); a failing graph is not written and ``GateError`` is raised
+    after the rest of the folder is, unless ``force_precision``.
     """
+    from momkd.runtime.cpu import apply_thread_environment
+
+    apply_thread_environment()   # before torch is imported: OpenMP threads = usable CPUs, no spin-waiting
     from momkd.export.frozen import load_run
     from momkd.export.onnx import check_opset
     from momkd.manifest import load_manifest, write_manifest
 
     say = log or (lambda msg: None)
-    if fmt not in FORMATS:
-        raise MomkdError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in MODEL_FORMATS:
+        raise MomkdError(f"--format must be one of {', '.join(MODEL_FORMATS)}, got {fmt!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     which = _parse_fold(fold)
     check_opset(opset)
+    if check_precisions(precisions) and fp16:
+        raise MomkdError("--precision int8 is made from the fp32 graph: drop --fp16")
     _prepare_out(out_dir, overwrite)
     t0 = time.perf_counter()
     run = load_run(run_dir, "all" if which is None else which)
@@ -122,17 +137,28 @@ def export_run(
         io, graph_report = _write_graphs(work, run, fp16, opset, say)
         slides, verification = _verify(work, run, run_dir, fp16, max_slides, max_rows, say)
         verification["graph_ops"] = graph_report["ops"]
-        write_manifest(work, _manifest(run, run_dir, io, graph_report, verification, fp16, opset))
+        manifest = _manifest(run, run_dir, io, graph_report, verification, fp16, opset)
+        gate_failures = add_reduced_graphs(work, ONNX_NAME, run, run_dir, manifest, precisions, gate_limits,
+                                           force_precision, slides, say)
+        write_manifest(work, manifest)
         _publishable(work)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
+        if out_dir.exists():   # moved aside in one rename: a kill never leaves a half-deleted model folder
+            replaced = work.with_name(work.name.replace(".export-", ".replaced-", 1))
+            out_dir.rename(replaced)
+            work.rename(out_dir)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            work.rename(out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     say(f"wrote {out_dir} ({time.perf_counter() - t0:.1f} s)")
     if fmt == "trt":
         _add_tensorrt(out_dir, run, run.ensemble(), slides, fp16, profile, say)
+    if gate_failures:
+        raise GateError(f"{out_dir}: reduced-precision graph not written, its accuracy gates failed ("
+                        + "; ".join(gate_failures) + "); the fp32 model folder is valid (--force-precision writes "
+                        "it anyway, recorded in the manifest)")
     return load_manifest(out_dir, verify_checksums=False).raw   # written and checked just now
 
 
@@ -149,9 +175,11 @@ def _write_graphs(work: Path, run: Any, fp16: bool, opset: int, say: Callable[[s
     with torch.no_grad():
         t1 = time.perf_counter()
         module = mixed_fp16(graph_ensemble) if fp16 else graph_ensemble
+        say(f"exporting {len(run.models)} fold model(s) to {ONNX_NAME} with torch.onnx (the longest step)")
         io, report = export_onnx(module, work / ONNX_NAME, run.feature_dim, run.k, opset=opset)
         say(f"exported {ONNX_NAME} (opset {report['opset']}, {sum(report['ops'].values())} nodes, "
             f"{report['bytes'] / 1e6:.1f} MB{', fp16 matmuls' if fp16 else ''}, {time.perf_counter() - t1:.1f} s)")
+        say(f"tracing {TORCH_NAME} (TorchScript)")
         trace_torchscript(graph_ensemble, work / TORCH_NAME, run.feature_dim, run.k)
     return io, report
 
@@ -165,6 +193,7 @@ def _verify(work: Path, run: Any, run_dir: Path, fp16: bool, max_slides: int, ma
     from momkd.export.verify import load_verification_slides, verify_export
 
     t1 = time.perf_counter()
+    say(f"verifying {ONNX_NAME} and {TORCH_NAME} against the PyTorch fold models on held-out slides")
     with torch.no_grad():
         slides, source, notes = load_verification_slides(
             run_dir, run.config, run.folds, run.feature_dim, run.k, run.graph_direction,

@@ -25,7 +25,8 @@ from momkd.errors import MomkdError
 def random_run(run_dir: str | Path, preset_name: str = "paper", in_dim: int = 1536, folds: int = 1, seed: int = 0,
                dims: dict[str, Any] | None = None) -> Path:
     """Write a run folder of ``folds`` randomly initialised fold models (``ModelConfig`` preset ``preset_name``
-    with ``dims`` overriding fields, e.g. ``{"dim": 8}``); returns its path. No cohort data is referenced."""
+    with ``dims`` overriding fields, e.g. ``{"dim": 8}``); returns its path. No cohort data is referenced, and no
+    encoder is named (``momkd infer`` then accepts any slide's ``encoder`` attribute)."""
     import torch
 
     import momkd
@@ -47,11 +48,11 @@ def random_run(run_dir: str | Path, preset_name: str = "paper", in_dim: int = 15
         records.append(record)
         save_checkpoint(fold_dir(run, k), model.state_dict(), {
             "momkd_version": momkd.__version__, "fold": k, "preset": preset_name, "model_config": cfg.to_dict(),
-            "in_dim": in_dim, "omics_dim": 0, "class_names": ["negative", "positive"], "encoder": "random",
+            "in_dim": in_dim, "omics_dim": 0, "class_names": ["negative", "positive"], "encoder": None,
             "threshold": 0.5})
     write_json(run / CONFIG, {
         "momkd_version": momkd.__version__, "preset": preset_name, "class_names": ["negative", "positive"],
-        "feature_dim": in_dim, "encoder": "random", "model": cfg.to_dict(),
+        "feature_dim": in_dim, "encoder": None, "model": cfg.to_dict(),
         "note": "random weights (momkd.export.synthetic): for benchmarks only"})
     write_json(run / SUMMARY, {"model": cfg.model, "preset": preset_name, "folds": records, "mean": {}, "std": {}})
     return run

@@ -2,8 +2,9 @@
 
 Packed layout: the rows of slide ``b`` are ``slide_offsets[b]:slide_offsets[b+1]``, with ``slide_offsets[0] = 0``
 and ``slide_offsets[-1] = N``. The per-slide softmax and weighted sum use a ``(B, N)`` membership mask built
-with ``arange``/compare and matmuls: no scatter, ``index_add``, ``nonzero`` or Python loops, so the same code
-exports to ONNX/TensorRT with dynamic ``N`` and ``B``.
+with ``arange``/compare, ``where`` and matmuls (NaN-safe across slides, see :func:`segment_softmax_pool`): no
+scatter, ``index_add``, ``nonzero`` or Python loops, so the same code exports to ONNX/TensorRT with dynamic ``N``
+and ``B``.
 
 ``momkd.models.head.MemoryAttentionHead`` runs :func:`head_reference`, or on CUDA inference the
 ``momkd::memory_head`` operator (:mod:`momkd.kernels.ops`), whose CUDA implementation is the fused Triton kernel
@@ -27,6 +28,13 @@ def membership(slide_offsets: Tensor, n: int | Tensor, device: torch.device | No
     return (rows.unsqueeze(0) >= offsets[:-1].unsqueeze(1)) & (rows.unsqueeze(0) < offsets[1:].unsqueeze(1))
 
 
+def _one_slide_eager(slide_offsets: Tensor) -> bool:
+    """True for a single slide outside any graph capture (a captured graph must hold the many-slide path)."""
+    capturing = (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+                 or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+    return not capturing and slide_offsets.shape[0] == 2
+
+
 def segment_softmax_pool(score: Tensor, values: Tensor, slide_offsets: Tensor, tau: float | Tensor = 1.0,
                          ) -> tuple[Tensor, Tensor]:
     """Per-slide ``softmax(score / tau)`` and attention-weighted sum of ``values``.
@@ -39,18 +47,36 @@ def segment_softmax_pool(score: Tensor, values: Tensor, slide_offsets: Tensor, t
 
     Returns:
         attention (N,) summing to 1 within each slide, pooled (B, D). An empty slide pools to zeros.
+
+    Slides are isolated from each other's values: a slide with a non-finite score or value (features beyond
+    the encoder's range overflow to inf/NaN) gets NaN attention and a NaN pooled row, and the other slides of
+    the pack get exactly the outputs they get alone. Every product with the 0/1 membership mask therefore only
+    ever meets finite numbers (``0 * inf`` would be NaN): a slide's maximum is selected with ``where`` and
+    gathered back per row, non-finite rows are zeroed before the matmuls (bit-identical to the plain products
+    for finite input), and the slides holding such rows are then set to NaN.
     """
-    memberf = membership(slide_offsets, score.shape[0], score.device).to(score.dtype)
+    member = membership(slide_offsets, score.shape[0], score.device)              # (B, N) bool
+    memberf = member.to(score.dtype)
     z = score / tau
-    # Per-slide max for a numerically safe softmax (a constant shift per slide: detached, exact). Rows of other
-    # slides are pushed to -finfo.max by arithmetic (no where/masked_fill: slow on CPU); an empty slide's max is
-    # then -finfo.max, finite, and multiplies only zeros below.
+    # Per-slide max for a numerically safe softmax (a constant shift per slide: detached, exact); an empty
+    # slide's max is -finfo.max, finite, and is never gathered. A NaN row makes its own slide's max NaN only.
     lowest = torch.finfo(score.dtype).max
-    slide_max = (z.detach().unsqueeze(0) * memberf + (memberf - 1.0) * lowest).amax(dim=1)
-    ex = torch.exp(z - slide_max @ memberf)  # each row sits in exactly one slide
-    denom = memberf @ ex  # (B,)
+    slide_max = torch.where(member, z.detach().unsqueeze(0), -lowest).amax(dim=1)   # (B,)
+    row_slide = (member * torch.arange(member.shape[0], device=member.device).unsqueeze(1)).sum(dim=0)  # (N,)
+    ex = torch.exp(z - slide_max.index_select(0, row_slide))
+    finite_ex = torch.where(torch.isnan(ex), torch.zeros_like(ex), ex)             # (N,), in [0, 1]
+    denom = memberf @ finite_ex                                                    # (B,)
     attention = ex / (denom @ memberf)
-    pooled = (memberf * attention.unsqueeze(0)) @ values
+    # a row is bad when its score or a value is not finite: one sum per row finds the values (it also flags a
+    # row whose values, finite, add up beyond the dtype's range; such a slide is out of range all the same)
+    row_bad = torch.isnan(ex) | ~torch.isfinite(values.sum(dim=1))                # (N,)
+    # (N, D) pass (and its backward) only where there are other slides to protect: not in eager one-slide
+    # training and evaluation, where a bad row makes its slide NaN either way
+    finite_values = values if _one_slide_eager(slide_offsets) else torch.where(row_bad.unsqueeze(1), 0.0, values)
+    slide_bad = (memberf @ row_bad.to(score.dtype)) > 0                            # (B,)
+    finite_attention = torch.where(row_bad, 0.0, attention)
+    pooled = (memberf * finite_attention.unsqueeze(0)) @ finite_values
+    pooled = torch.where(slide_bad.unsqueeze(1), torch.full_like(pooled, float("nan")), pooled)
     return attention, pooled
 
 

@@ -15,9 +15,9 @@ Implementation notes (speed and export):
 
 * ``lin_l`` and ``lin_r`` run as ONE matmul on concatenated weights (:meth:`DenseGATv2Conv.project`, which can
   also fuse extra Linear layers on the same input, e.g. the encoder's residual).
-* No scatter ops and no data-dependent control flow in the forward pass: a gather of the ``W + 1`` rows with a
-  clamped index, an additive ``-inf`` mask, a softmax over the ``W + 1`` axis and a batched matmul. It exports
-  to ONNX/TensorRT with dynamic ``N`` and ``W``.
+* No scatter ops and no data-dependent control flow in the forward pass: a gather of the ``W + 1`` rows (padding
+  slots gather the row itself), an additive ``-inf`` mask, a softmax over the ``W + 1`` axis and a batched
+  matmul. It exports to ONNX/TensorRT with dynamic ``N`` and ``W``.
 * ``leaky_relu(z) = s z + (1 - s) relu(z)``: the linear part of the score is computed on ``(N, H)`` rows
   before the gather, so the ``(N, W+1, H*C)`` pre-activation is formed and rectified in one pass.
 * During training a hand-written backward (:class:`_DenseGATv2Attention`) keeps two ``(N, W+1, H*C)`` tensors
@@ -46,18 +46,22 @@ EXPORT_ROW_BLOCKS = 4  # row blocks of the traced (exported) attention: bounds t
 class NeighborPlan:
     """Gather plan shared by every GATv2 layer of one forward pass."""
 
-    index: Tensor  # (N, W+1) int64: column 0 is the row itself, then the neighbours (-1 replaced by 0)
+    index: Tensor  # (N, W+1) int64: column 0 is the row itself, then the neighbours (-1 replaced by the row itself)
     mask: Tensor  # (N, W+1, 1) additive mask: 0 for real slots, -inf for padding
 
 
 def neighbor_plan(neighbors: Tensor, dtype: torch.dtype = torch.float32) -> NeighborPlan:
-    """Build the gather index (self first, padding clamped to row 0) and the additive padding mask."""
+    """Build the gather index (self first, padding pointing at the row itself) and the additive padding mask.
+
+    Padding gathers the row's own values, never another row's: a masked slot still enters the weighted sum as
+    ``0 * value``, so pointing it at a row of another slide (an overflowing one: ``0 * inf = NaN``) would leak
+    that slide into this one; the row itself contributes nothing new (the sum is unchanged bit for bit)."""
     if neighbors.dim() != 2:
         raise ValueError(f"neighbors must be (N, W), got shape {tuple(neighbors.shape)}")
     neighbors = neighbors.long()
     n = neighbors.shape[0]
     self_index = torch.arange(n, device=neighbors.device, dtype=torch.long).unsqueeze(1)
-    index = torch.cat([self_index, neighbors.clamp(min=0)], dim=1)
+    index = torch.cat([self_index, torch.where(neighbors < 0, self_index, neighbors)], dim=1)
     missing = torch.cat([torch.zeros_like(self_index, dtype=torch.bool), neighbors < 0], dim=1)
     mask = torch.zeros(missing.shape, dtype=dtype, device=neighbors.device).masked_fill(missing, float("-inf"))
     return NeighborPlan(index, mask.unsqueeze(-1))

@@ -78,7 +78,7 @@ def _memory_sections(run: RunRecord, out_dir: Path, top_k: int, slides_dir: Path
         from .memory_codes import features_folder, hits_csv, top_patches
     except ImportError as e:
         blocks.append(Paragraph(
-            f"Left out: computing the codes' patches needs PyTorch (pip install momkd[train]): {e}"))
+            f"Left out: computing the codes' patches needs PyTorch (pip install 'momkd[train]'): {e}"))
         return blocks
     scan = top_patches(run, top_k, device, log)
     if scan.hits:
@@ -146,7 +146,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path, *, compare: Sequence[
             "No fold has a test_predictions.csv with both classes: no ROC curves.")
     blocks.append(Heading("Training curves"))
     _figure(blocks, figures.loss_figure(run, fig_dir / "loss.png"), out,
-            "Loss terms per epoch (mean over the epoch's training slides), one line per fold",
+            "Training curves per epoch (loss terms: mean over the epoch's training slides; validation cross-entropy "
+            "and AUC dashed), a colour per fold",
             "No fold has a history.csv: no training curves.")
     if run.has_memory:
         blocks += _memory_sections(run, out, top_k, Path(slides_dir) if slides_dir else None, device, log)

@@ -1,8 +1,8 @@
 """The report's figures (matplotlib, no pyplot state): ROC curves per fold, per-epoch loss curves, and the
 memory dynamics of the paper's Fig. 3 (active-memory ratio and perplexity of each bank per epoch).
 
-Each function writes one PNG and returns its path, or ``None`` when the run has nothing to draw (no fold with
-the needed file or columns); the caller says so in the report.
+Each ``*_figure`` function writes one PNG and returns its path, or ``None`` when the run has nothing to draw (no
+fold with the needed file or columns); the caller says so in the report.
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ from momkd.metrics import roc_auc, roc_curve
 from momkd.train.runfolder import RunRecord
 
 DPI = 110
-LOSS_TERMS = ("total", "ce", "mse", "align_wsi", "align_omics", "mem")
+LOSS_TITLES = {  # history.csv loss_* column suffix -> panel title (the terms of eq. 9)
+    "total": "total loss (eq. 9, weighted sum)",
+    "ce": "classification (cross-entropy)",
+    "mse": "omics reconstruction (MSE)",
+    "align_wsi": "WSI alignment to the memory (eq. 5)",
+    "align_omics": "omics alignment to the memory (eq. 5)",
+    "mem": "memory loss (eq. 10)",
+}
+VALIDATION_OF = {"ce": "val_loss_ce"}  # loss term -> its history.csv validation column
 BANKS = (("pos", "positive"), ("neg", "negative"))
 
 
@@ -57,27 +65,43 @@ def _histories(run: RunRecord) -> list[tuple[int, dict[str, np.ndarray]]]:
     return [(f.fold, f.history) for f in run.folds if f.history is not None and len(f.history["epoch"])]
 
 
-def loss_figure(run: RunRecord, path: Path) -> Path | None:
-    """One panel per loss term the run recorded (``loss_*`` columns that are not all zero), a line per fold."""
+def loss_curves(run: RunRecord) -> Figure | None:
+    """The training curves: a panel per loss term the run recorded (``loss_*`` columns not all zero) and one of
+    the AUC; a colour per fold, training solid, validation dashed (``val_loss_ce`` on the cross-entropy panel,
+    ``val_auc`` on the AUC panel). ``None`` when no fold has a history."""
     histories = _histories(run)
-    terms = [t for t in LOSS_TERMS
+    terms = [t for t in LOSS_TITLES
              if any(f"loss_{t}" in h and np.nanmax(np.abs(h[f"loss_{t}"]), initial=0.0) > 0 for _, h in histories)]
     if not terms:
         return None
-    cols = min(3, len(terms))
-    rows = math.ceil(len(terms) / cols)
+    panels = [(f"loss_{t}", VALIDATION_OF.get(t), LOSS_TITLES[t], "loss") for t in terms]
+    if any("train_auc" in h or "val_auc" in h for _, h in histories):
+        panels.append(("train_auc", "val_auc", "AUC (training slides, validation cases)", "AUC"))
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, term in zip(axes, terms):
-        for k, h in histories:
-            if f"loss_{term}" in h:
-                ax.plot(h["epoch"], h[f"loss_{term}"], marker=".", lw=1.2, label=f"fold {k}")
-        ax.set(title=f"loss_{term}", xlabel="epoch")
-    for ax in axes[len(terms):]:
+    for ax, (train_col, val_col, title, ylabel) in zip(axes, panels):
+        for i, (k, h) in enumerate(histories):
+            if train_col in h:
+                ax.plot(h["epoch"], h[train_col], marker=".", lw=1.2, color=f"C{i}", label=f"fold {k} training")
+            if val_col is not None and val_col in h:
+                ax.plot(h["epoch"], h[val_col], marker=".", lw=1.2, ls="--", color=f"C{i}",
+                        label=f"fold {k} validation")
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        if val_col is not None:
+            ax.legend(fontsize=7)
+    for ax in axes[len(panels):]:
         ax.set_axis_off()
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{run.name}: training loss per epoch (mean over the epoch's slides)")
-    return _save(fig, path)
+    fig.suptitle(f"{run.name}: per epoch, training (solid; losses are the mean over the epoch's slides) and "
+                 "validation (dashed)")
+    return fig
+
+
+def loss_figure(run: RunRecord, path: Path) -> Path | None:
+    """:func:`loss_curves` as a PNG at ``path``."""
+    fig = loss_curves(run)
+    return None if fig is None else _save(fig, path)
 
 
 def memory_figure(run: RunRecord, path: Path) -> Path | None:

@@ -1,11 +1,15 @@
-"""Inference backends behind one small protocol, and ``select_backend`` (auto = TensorRT > ORT-CUDA > torch-CUDA
-> ORT-CPU).
+"""Inference backends behind one small protocol, and ``select_backend`` (auto = TensorRT > ORT-CUDA > ORT-CPU;
+the torch backend runs only when named: a TorchScript file is code).
 
 Every backend runs the exported graph's contract: inputs ``features (N, D) float32``, ``neighbors (N, W)
 int64`` (global rows of the packed batch, -1 pad), ``slide_offsets (B+1,) int64``; outputs ``probability
 (B,)``, ``logits (B, 2)``, ``attention (N,)``, ``patch_score (N,)``.
 
-Nothing here imports torch or tensorrt unless that backend is chosen (or probed by ``auto``).
+Every backend loads the bytes of its artifact once and, given the manifest's sha256 (``select_backend`` always
+passes it), checks them before deserializing exactly those bytes (``momkd.manifest.read_artifact``); an ONNX
+graph that references external data files is refused, as their bytes are not covered by any checksum.
+
+Nothing here imports torch or tensorrt unless that backend is chosen (or tensorrt probed by ``auto``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import importlib.util
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -22,6 +27,9 @@ import numpy as np
 
 from momkd.data.batch import INPUT_NAMES, OUTPUT_NAMES
 from momkd.errors import ModelFolderError, MomkdError
+from momkd.manifest import MANIFEST_NAME, read_artifact
+
+from .cpu import CpuInfo, cpu_info, usable_cpus
 
 REQUIRED_OUTPUTS = ("probability", "attention", "patch_score")
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -41,6 +49,7 @@ class Backend(Protocol):
     max_rows: int | None      # most rows one call accepts (TensorRT profile), None = unlimited
     max_slides: int | None    # most slides one call accepts, None = unlimited
     # optional: max_width (widest neighbour table one call accepts; TensorRT profile), read with getattr
+    # optional: run_options() and run(..., run_options=...): a call that another thread can cancel (onnxruntime)
 
     def run(self, features: np.ndarray, neighbors: np.ndarray, slide_offsets: np.ndarray) -> dict[str, np.ndarray]:
         """Run one packed batch; returns numpy arrays keyed by output name (at least REQUIRED_OUTPUTS)."""
@@ -50,10 +59,9 @@ class Backend(Protocol):
 
 
 def cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    """Threads worth running here: the CPUs this process may use (affinity, capped by the cgroup CPU quota;
+    ``momkd.runtime.cpu.usable_cpus``)."""
+    return usable_cpus()
 
 
 def parse_device(device: str | None) -> tuple[str | None, int]:
@@ -84,6 +92,90 @@ def _check_io(where: str, inputs: list[str], outputs: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- onnxruntime
+# ONNX protobuf field numbers (onnx.proto3) of the messages that can hold a TensorProto, per message kind.
+_ONNX_CHILDREN: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 25: "function"},                            # ModelProto.graph, .functions
+    "function": {7: "node"},                                          # FunctionProto.node
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},                  # GraphProto.node, .initializer, .sparse_init.
+    "node": {5: "attribute"},                                         # NodeProto.attribute
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},                             # SparseTensorProto.values, .indices
+}
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 13, 14, 1  # TensorProto fields; DataLocation.EXTERNAL
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def _proto_fields(buf: memoryview) -> list[tuple[int, Any]]:
+    """The (field number, value) pairs of one protobuf message: ints for varints, memoryviews (no copy) for
+    length-delimited fields; fixed-width fields are skipped. ValueError for a malformed message."""
+    out: list[tuple[int, Any]] = []
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+            out.append((key >> 3, value))
+        elif wire == 2:
+            length, i = _varint(buf, i)
+            if i + length > len(buf):
+                raise ValueError("truncated field")
+            out.append((key >> 3, buf[i:i + length]))
+            i += length
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    return out
+
+
+def onnx_external_data(model: bytes) -> list[str]:
+    """The files an ONNX model's tensors keep their data in (``data_location: EXTERNAL``), in order of first
+    mention: initializers, sparse initializers and tensor attributes, in the main graph, its subgraphs and its
+    functions. Raises ValueError when ``model`` is not a well-formed protobuf message."""
+    locations: list[str] = []
+    stack: list[tuple[str, memoryview]] = [("model", memoryview(model))]
+    while stack:
+        kind, buf = stack.pop()
+        fields = _proto_fields(buf)
+        if kind == "tensor":
+            if (_TENSOR_DATA_LOCATION, _EXTERNAL) in fields:
+                entries = [dict(_proto_fields(v)) for f, v in fields if f == _TENSOR_EXTERNAL_DATA]
+                where = [bytes(e.get(2, b"")).decode("utf-8", "replace") for e in entries
+                         if bytes(e.get(1, b"")) == b"location"]
+                for name in where or ["?"]:
+                    if name not in locations:
+                        locations.append(name)
+            continue
+        children = _ONNX_CHILDREN[kind]
+        stack.extend((children[f], v) for f, v in reversed(fields) if f in children and isinstance(v, memoryview))
+    return locations
+
+
+def _single_file_onnx(model_path: str | Path, model: bytes) -> None:
+    """ModelFolderError unless ``model`` is a protobuf message whose tensors all keep their data inside the file
+    (so its checksum covers all of it; onnxruntime would read external files relative to its working folder)."""
+    try:
+        external = onnx_external_data(model)
+    except ValueError as e:
+        raise ModelFolderError(f"{model_path}: onnxruntime cannot load the model (not an ONNX protobuf message: "
+                               f"{e})") from None
+    if external:
+        raise ModelFolderError(f"{model_path}: references external data ({', '.join(external)}) not listed in "
+                               f"{MANIFEST_NAME}; momkd loads single-file ONNX graphs only, re-export the model")
+
+
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(double)": np.float64}
 
@@ -127,9 +219,11 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None,
-                 feature_dim: int | None = None, spinning: bool = False) -> None:
+                 feature_dim: int | None = None, spinning: bool = False, *, sha256: str | None = None) -> None:
         import onnxruntime as ort
 
+        model = read_artifact(model_path, sha256)
+        _single_file_onnx(model_path, model)
         kind, index = parse_device(device)
         kind = kind or "cpu"
         available = ort.get_available_providers()
@@ -156,10 +250,12 @@ class OnnxRuntimeBackend:
         if kind == "cpu" and shared_cpu_arena():
             so.add_session_config_entry("session.use_env_allocators", "1")
         so.log_severity_level = 3
-        if not spinning:  # leave the cores to the reader threads while a call waits
+        if not spinning:  # leave the cores to the reader threads while a call waits, and to other jobs on a
+            # busy host (a spinning worker takes the CPU share the straggler needs: benchmarks/test_bench_busy_host.py)
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+            self.session = ort.InferenceSession(model, sess_options=so, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ModelFolderError(f"{model_path}: onnxruntime cannot load the model ({_one_line(e)})") from None
         used = self.session.get_providers()
@@ -180,13 +276,21 @@ class OnnxRuntimeBackend:
         self.max_rows: int | None = None
         self.max_slides: int | None = None
 
-    def run(self, features: np.ndarray, neighbors: np.ndarray, slide_offsets: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, features: np.ndarray, neighbors: np.ndarray, slide_offsets: np.ndarray,
+            run_options: Any = None) -> dict[str, np.ndarray]:
         feeds = {}
         for name, arr in zip(INPUT_NAMES, (features, neighbors, slide_offsets)):
             dtype = self._in_types[name]
             feeds[name] = arr if dtype is None or arr.dtype == dtype else arr.astype(dtype)
-        values = self.session.run(self.output_names, feeds)
+        values = self.session.run(self.output_names, feeds, run_options)
         return dict(zip(self.output_names, values))
+
+    def run_options(self) -> Any:
+        """Fresh ``onnxruntime.RunOptions`` for one :meth:`run`: setting its ``terminate`` to True from another
+        thread stops that call (it raises; the pipeline's slide timeout)."""
+        import onnxruntime as ort
+
+        return ort.RunOptions()
 
     def close(self) -> None:
         self.session = None
@@ -309,7 +413,8 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, plan_path: str | Path, device: str = "cuda", device_api: Any = None) -> None:
+    def __init__(self, plan_path: str | Path, device: str = "cuda", device_api: Any = None, *,
+                 sha256: str | None = None) -> None:
         try:
             import tensorrt as trt
         except ImportError:
@@ -321,10 +426,7 @@ class TensorRTBackend:
         self._api = device_api if device_api is not None else _DeviceAPI(index)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        try:
-            plan = Path(plan_path).read_bytes()
-        except OSError as e:
-            raise ModelFolderError(f"{plan_path}: cannot be read ({e.strerror or e})") from None
+        plan = read_artifact(plan_path, sha256)
         engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise BackendError(f"{plan_path}: TensorRT {getattr(trt, '__version__', '?')} cannot load this engine "
@@ -404,6 +506,9 @@ def torch_importable() -> bool:
 class TorchBackend:
     """The exported TorchScript module (``manifest.torch.file``, ``torch.jit.load``) on CUDA or CPU.
 
+    A TorchScript file is code that runs with the user's rights: ``select_backend`` builds this backend only when
+    it is named (``--backend torch``), never for ``auto``; use it for model folders you trust.
+
     Its ``forward(features, neighbors, slide_offsets)`` returns a dict keyed by output name, or a tuple in the
     order ``(probability, logits, attention, patch_score)`` (the ONNX outputs' order). A ``model.pt`` traced by
     ``momkd export`` calls the ``momkd::memory_head`` operator: the fused Triton head on CUDA, torch ops on CPU.
@@ -411,7 +516,8 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model_path: str | Path, device: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, model_path: str | Path, device: str | None = None, threads: int | None = None, *,
+                 sha256: str | None = None) -> None:
         if not torch_importable():
             raise BackendError("torch backend needs PyTorch (pip install momkd[train]); use --backend onnxruntime")
         import torch
@@ -425,10 +531,13 @@ class TorchBackend:
         self._dev = torch.device("cuda", index) if kind == "cuda" else torch.device("cpu")
         if kind == "cpu":
             torch.set_num_threads(threads or cpu_count())
+        import io
+
         import momkd.kernels.ops  # noqa: F401 - registers momkd::memory_head (fused head on CUDA) before loading
 
+        scripted = read_artifact(model_path, sha256)
         try:
-            self.module = torch.jit.load(str(model_path), map_location=self._dev).eval()
+            self.module = torch.jit.load(io.BytesIO(scripted), map_location=self._dev).eval()
         except Exception as e:  # noqa: BLE001
             raise ModelFolderError(f"{model_path}: torch cannot load the TorchScript model ({_one_line(e)})") from None
         self.device = f"cuda:{index}" if kind == "cuda" and index else kind
@@ -467,8 +576,9 @@ def _cuda_driver_present() -> bool:
 
 def select_backend(name: str, device: str | None, manifest: Any,
                    log: Callable[[str], None] | None = None, threads: int | None = None) -> Backend:
-    """Build the backend named ``name`` (``auto`` = TensorRT > ORT-CUDA > torch-CUDA > ORT-CPU) on ``device``
-    (``None`` = best available). Raises BackendError/ModelFolderError (usage/model errors) with one line."""
+    """Build the backend named ``name`` (``auto`` = TensorRT > ORT-CUDA > ORT-CPU; ``torch`` only when named, as
+    its TorchScript file is code) on ``device`` (``None`` = best available), loading the manifest's checksummed
+    artifact bytes. Raises BackendError/ModelFolderError (usage/model errors) with one line."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     kind, index = parse_device(device)
@@ -484,7 +594,18 @@ def select_backend(name: str, device: str | None, manifest: Any,
         if kind == "cuda":
             raise BackendError("--device cuda: no CUDA backend is usable (" + "; ".join(reasons) + ")")
         say("note: backend auto: " + "; ".join(reasons) + " -> onnxruntime on CPU")
-    return OnnxRuntimeBackend(manifest.onnx_path, "cpu", threads, manifest.model.feature_dim)
+    return _onnxruntime(manifest, "cpu", threads)
+
+
+def _onnxruntime(manifest: Any, dev: str, threads: int | None) -> OnnxRuntimeBackend:
+    """ONNX Runtime on ``dev`` with the manifest's ONNX graph (checksum verified on the bytes it loads)."""
+    return OnnxRuntimeBackend(manifest.onnx_path, dev, threads, manifest.model.feature_dim,
+                              sha256=manifest.artifact_sha256(manifest.onnx.file))
+
+
+def _tensorrt(manifest: Any, dev: str) -> TensorRTBackend:
+    """The manifest's TensorRT engine on ``dev`` (checksum verified on the bytes it deserializes)."""
+    return TensorRTBackend(manifest.tensorrt_path, dev, sha256=manifest.artifact_sha256(manifest.tensorrt.file))
 
 
 def _named_backend(name: str, kind: str | None, dev: str, manifest: Any, threads: int | None,
@@ -496,25 +617,26 @@ def _named_backend(name: str, kind: str | None, dev: str, manifest: Any, threads
 
             if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_driver_present():
                 try:
-                    return OnnxRuntimeBackend(manifest.onnx_path, "cuda", threads, manifest.model.feature_dim)
+                    return _onnxruntime(manifest, "cuda", threads)
                 except BackendError as e:
                     say(f"note: onnxruntime CUDA not usable ({e}); running on CPU")
             dev = "cpu"
-        return OnnxRuntimeBackend(manifest.onnx_path, dev, threads, manifest.model.feature_dim)
+        return _onnxruntime(manifest, dev, threads)
     if name == "tensorrt":
         if manifest.tensorrt is None:
             raise BackendError(f"{manifest.root}: the model folder has no TensorRT engine "
                                "(export with --format trt, or use --backend onnxruntime)")
-        return TensorRTBackend(manifest.tensorrt_path, "cuda" if kind is None else dev)
+        return _tensorrt(manifest, "cuda" if kind is None else dev)
     if manifest.torch is None:
         raise BackendError(f"{manifest.root}: the model folder has no TorchScript model (manifest 'torch' is "
                            "null); use --backend onnxruntime")
-    return TorchBackend(manifest.torch_path, None if kind is None else dev, threads)
+    return TorchBackend(manifest.torch_path, None if kind is None else dev, threads,
+                        sha256=manifest.artifact_sha256(manifest.torch.file))
 
 
 def _cuda_backend(dev: str, manifest: Any, threads: int | None, reasons: list[str]) -> Backend | None:
-    """The first usable CUDA backend (TensorRT, ONNX Runtime CUDA, torch), or None; why each was not usable is
-    appended to ``reasons``."""
+    """The first usable CUDA backend of ``auto`` (TensorRT, ONNX Runtime CUDA; never torch), or None; why each was
+    not usable is appended to ``reasons``. A model folder problem (a checksum mismatch) is raised, not skipped."""
     if manifest.tensorrt is None:
         reasons.append("tensorrt: no engine in the model folder")
     elif not importable("tensorrt"):
@@ -523,8 +645,8 @@ def _cuda_backend(dev: str, manifest: Any, threads: int | None, reasons: list[st
         reasons.append("tensorrt: no NVIDIA driver")
     else:
         try:
-            return TensorRTBackend(manifest.tensorrt_path, dev)
-        except MomkdError as e:
+            return _tensorrt(manifest, dev)
+        except BackendError as e:
             reasons.append(f"tensorrt: {e}")
     import onnxruntime as ort
 
@@ -534,18 +656,86 @@ def _cuda_backend(dev: str, manifest: Any, threads: int | None, reasons: list[st
         reasons.append("onnxruntime: no NVIDIA driver")
     else:
         try:
-            return OnnxRuntimeBackend(manifest.onnx_path, dev, threads, manifest.model.feature_dim)
+            return _onnxruntime(manifest, dev, threads)
         except BackendError as e:
             reasons.append(f"onnxruntime-cuda: {e}")
-    if manifest.torch is None:
-        reasons.append("torch: no TorchScript model in the model folder")
-    elif not torch_importable():
-        reasons.append("torch: not installed")
-    elif not _cuda_driver_present():
-        reasons.append("torch: no NVIDIA driver")
-    else:
-        try:
-            return TorchBackend(manifest.torch_path, dev, threads)
-        except BackendError as e:
-            reasons.append(f"torch: {e}")
     return None
+
+
+# --------------------------------------------------------------------------- precision (CPU reduced-precision graphs)
+PRECISIONS = ("auto", "fp32", "int8", "bf16")
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision ``momkd infer`` runs and why (recorded in run.json)."""
+
+    precision: str   # fp32 | int8
+    reason: str
+
+
+def choose_precision(manifest: Any, requested: str, backend: str = "auto", device: str | None = None,
+                     host: CpuInfo | None = None) -> PrecisionChoice:
+    """``requested`` (auto | fp32 | int8 | bf16) -> the precision to run. ``auto``: int8 when the model folder has
+    an int8 graph whose accuracy gates passed at export, the run is on ONNX Runtime on the CPU and the host CPU has
+    one of the graph's ``requires_isa`` flags (VNNI / AMX: ``momkd.runtime.cpu``); else fp32, with the reason.
+    An explicit ``int8`` runs a graph forced past failing gates too (said in the reason). BackendError for a
+    precision this model folder, backend or device cannot run."""
+    if requested not in PRECISIONS:
+        raise BackendError(f"unknown precision {requested!r} (choose from {', '.join(PRECISIONS)})")
+    if requested == "fp32":
+        return PrecisionChoice("fp32", "asked for")
+    if requested == "bf16":
+        raise BackendError("--precision bf16: the lean runtime has no fast bf16 CPU backend (ONNX Runtime's CPU "
+                           "kernels have no bf16 MatMul); use int8 or fp32 (`momkd bench --backends torch "
+                           "--precision bf16` measures PyTorch's bf16 where it is installed)")
+    info = manifest.reduced.get("int8")
+    kind, _ = parse_device(device)
+    host = host or cpu_info()
+    isa = next((flag for flag in (info.requires_isa if info else ()) if flag in host.flags), None)
+    why_not = None
+    if backend not in ("auto", "onnxruntime"):
+        why_not = f"the {backend} backend runs the fp32 graph"
+    elif not _runs_on_cpu(manifest, backend, kind):
+        why_not = "the int8 graph is for CPUs; this run uses a GPU"
+    elif info is None:
+        why_not = f"{manifest.root} has no int8 graph (momkd export --precision int8)"
+    elif info.file is None:
+        why_not = "the int8 graph failed its accuracy gates at export and was not written"
+    if requested == "int8":
+        if why_not is not None:
+            raise BackendError(f"--precision int8: {why_not}")
+        notes = ([] if info.passed else ["forced past failing accuracy gates at export"]) + (
+            [] if isa else [f"this CPU has none of {', '.join(info.requires_isa)}: int8 may be no faster"])
+        return PrecisionChoice("int8", "asked for" + (f" ({'; '.join(notes)})" if notes else ""))
+    if why_not is None and info is not None and not info.passed:
+        why_not = "the int8 graph failed its accuracy gates (written with --force-precision: never picked by auto)"
+    if why_not is None and isa is None and info is not None:
+        why_not = (f"this CPU ({host.model_name or 'unknown'}) has none of {', '.join(info.requires_isa)}: "
+                   "int8 is not faster here")
+    if why_not is not None:
+        return PrecisionChoice("fp32", f"auto: {why_not}")
+    return PrecisionChoice("int8", f"auto: accuracy gates passed at export, CPU has {isa}")
+
+
+def _runs_on_cpu(manifest: Any, backend: str, kind: str | None) -> bool:
+    """Whether ``backend`` (auto | onnxruntime) on device ``kind`` (None: best available) ends up on the CPU, as
+    ``select_backend`` would choose."""
+    if kind is not None:
+        return kind == "cpu"
+    if not _cuda_driver_present():
+        return True
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return False
+    return backend == "onnxruntime" or manifest.tensorrt is None or not importable("tensorrt")
+
+
+def reduced_backend(manifest: Any, precision: str, threads: int | None = None) -> Backend:
+    """ONNX Runtime on the CPU running the model folder's ``precision`` graph (checksum checked on load)."""
+    info = manifest.reduced.get(precision)
+    if info is None or info.file is None:
+        raise BackendError(f"{manifest.root}: the model folder has no {precision} graph")
+    return OnnxRuntimeBackend(manifest.path(info.file), "cpu", threads, manifest.model.feature_dim,
+                              sha256=manifest.artifact_sha256(info.file))

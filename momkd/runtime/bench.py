@@ -15,7 +15,6 @@ Torch-free: nothing here imports torch unless a torch target runs or the referen
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import sys
 import time
@@ -30,17 +29,18 @@ from momkd.errors import ModelFolderError, MomkdError
 from momkd.manifest import Manifest, load_manifest
 
 from .backends import (Backend, OnnxRuntimeBackend, TensorRTBackend, TorchBackend, _cuda_driver_present, cpu_count,
-                       importable)
+                       importable, reduced_backend)
+from .cpu import BF16_FLAGS, INT8_FLAGS, cpu_info
 from .flops import count_matmul_flops
 from momkd.data.batch import GraphSlide, Pack, pack_slides
 from momkd.synth import grid_coords
 
 BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt")
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEFAULT_PATCHES = (1000, 10000, 50000)
 DEFAULT_SLIDES_PER_PACK = (1, 8)
-DEFAULT_PRECISIONS = ("fp32", "fp16")
+DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MAX_ROWS = 262_144
 
 
@@ -129,8 +129,16 @@ def skip_reason(target: Target, manifest: Manifest) -> str | None:
                 return "onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu)"
             if not _cuda_driver_present():
                 return "no NVIDIA driver"
+        reduced = manifest.reduced.get(precision)
+        if reduced is not None:
+            if device != "cpu":
+                return f"the {precision} graph is for the CPU"
+            if reduced.file is None:
+                return f"the {precision} graph failed its accuracy gates at export (not written)"
+            return None
         if precision != manifest.onnx.precision:
-            return f"model.onnx is {manifest.onnx.precision} (export --fp16 for an fp16 graph; no bf16 graph)"
+            return (f"model.onnx is {manifest.onnx.precision} (export --fp16 for an fp16 graph, --precision int8 for "
+                    "an int8 one; no bf16 graph: ONNX Runtime's CPU kernels have no bf16 MatMul)")
         return None
     if backend == "tensorrt":
         if manifest.tensorrt is None:
@@ -146,6 +154,8 @@ def skip_reason(target: Target, manifest: Manifest) -> str | None:
         return "no TorchScript model (model.pt) in the model folder"
     if not importable("torch"):
         return "PyTorch is not installed"
+    if precision == "int8":
+        return "int8 is an ONNX Runtime graph (momkd export --precision int8)"
     if device == "cpu" and precision == "fp16":
         return "fp16 on CPU has no fast kernels (try bf16)"
     if device == "cuda":
@@ -168,9 +178,13 @@ def head_note(backend: TorchBackend) -> str:
     return "head: fused Triton kernel" if fused_enabled() else "head: torch ops (fused kernel off)"
 
 
-def open_backend(backend: str, device: str, manifest: Manifest, threads: int | None) -> Backend:
-    """The backend object for ``backend`` on ``device`` (raises MomkdError with one line)."""
+def open_backend(backend: str, device: str, manifest: Manifest, threads: int | None, precision: str = "fp32"
+                 ) -> Backend:
+    """The backend object for ``backend`` on ``device`` (raises MomkdError with one line); ONNX Runtime runs the
+    folder's ``precision`` graph where it has one (int8)."""
     if backend == "onnxruntime":
+        if precision in manifest.reduced:
+            return reduced_backend(manifest, precision, threads)
         return OnnxRuntimeBackend(manifest.onnx_path, device, threads, manifest.model.feature_dim)
     if backend == "tensorrt":
         plan = manifest.tensorrt_path
@@ -226,15 +240,21 @@ def reference_probability(manifest: Manifest, pack: Pack, threads: int | None) -
         be.close()
 
 
+def _isa_note(precision: str) -> str:
+    """For a reduced precision: the instructions of this CPU it runs on (or that it has none of them)."""
+    flags = {"int8": INT8_FLAGS, "bf16": BF16_FLAGS}.get(precision)
+    if flags is None:
+        return ""
+    isa = next((f for f in flags if f in cpu_info().flags), None)
+    return f"; {precision} on {isa}" if isa else f"; no {'/'.join(flags)} on this CPU: {precision} emulated"
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model and usable cores; the GPU's name when PyTorch is already loaded and sees one."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):  # not Linux: platform's name stands
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {"cpu": cpu, "usable_cpus": cpu_count()}
+    """CPU model, its matrix ISA and flags (``momkd.runtime.cpu``), usable CPUs; the GPU's name when PyTorch is
+    already loaded and sees one."""
+    host = cpu_info()
+    info: dict[str, Any] = {"cpu": host.model_name or platform.processor() or platform.machine(), "isa": host.isa,
+                            "flags": " ".join(sorted(host.flags)) or "none", "usable_cpus": host.usable_cpus}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -270,8 +290,8 @@ def run_bench(model_dir: str | Path, patches: list[int], slides_per_pack: list[i
                 else:
                     unavailable.append(BenchRecord(backend, device, precision, None, None, None, status="skipped",
                                                    note=reason))
-    opened: dict[tuple[str, str], Backend | str] = {}  # an open backend, or why it failed to open
-    notes: dict[tuple[str, str], str] = {}
+    opened: dict[tuple[str, str, str], Backend | str] = {}  # an open backend, or why it failed to open
+    notes: dict[tuple[str, str, str], str] = {}
     try:
         for n in patches:
             for slides in slides_per_pack:
@@ -294,12 +314,13 @@ def run_bench(model_dir: str | Path, patches: list[int], slides_per_pack: list[i
                     say(f"note: no FLOP count ({e})")
                 reference = reference_probability(manifest, pack, threads)
                 for t in targets:
-                    key = (t.backend, t.device)
+                    # one ONNX Runtime session per graph; torch runs every precision on one module
+                    key = (t.backend, t.device, t.precision if t.backend == "onnxruntime" else "")
                     if key not in opened:
                         try:
-                            new = opened[key] = open_backend(t.backend, t.device, manifest, threads)
+                            new = opened[key] = open_backend(t.backend, t.device, manifest, threads, t.precision)
                             notes[key] = new.detail + (f"; {head_note(cast(TorchBackend, new))}" if new.name == "torch"
-                                                       else "")
+                                                       else _isa_note(t.precision))
                         except MomkdError as e:
                             opened[key] = str(e)
                     be_or_error = opened[key]

@@ -52,7 +52,7 @@ def render_heatmap(path: Path, coords: np.ndarray, values: np.ndarray, *, patch_
     Args:
         coords: (N, 2) level-0 top-left patch corners; values: (N,) finite values to paint.
         patch_size: level-0 patch side (TRIDENT ``patch_size_level0`` or :func:`infer_patch_size`).
-        title: the figure title (slide id, probability, prediction); value_label: the colour bar's label.
+        title: the figure title (slide id, probability, threshold, prediction); value_label: the colour bar's label.
         thumbnail: the slide image to draw under the grid (``None``: the grid alone).
     """
     grid, extent = patch_grid(coords, values, patch_size)

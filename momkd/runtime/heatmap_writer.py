@@ -3,7 +3,8 @@
 ``OUT_DIR/heatmaps/{slide_id}.png`` for every slide predicted ok, none for a failed slide (an older run's PNG
 for it is removed), and ``OUT_DIR/heatmaps/heatmaps.csv`` with one row per slide of this run: ``ok``,
 ``kept`` (``--resume``: PNG of an earlier run) or ``error`` with the problem. A heatmap that cannot be drawn
-is recorded there and the run goes on; the prediction of that slide stands.
+is recorded there and the run goes on; the prediction of that slide stands. heatmaps.csv is written as
+predictions.csv is (``results.csv_text``: fields with line breaks quoted, formula-leading cells marked).
 
 The patch size comes from the feature file's TRIDENT ``patch_size_level0`` attribute when present, else from
 the coordinate spacing. With ``--slides DIR`` the grid is laid over the slide's thumbnail when openslide is
@@ -12,8 +13,8 @@ installed and ``DIR`` holds the slide's image.
 
 from __future__ import annotations
 
-import csv
-import io
+import contextlib
+import errno
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 from momkd.errors import MomkdError
 
 from .reader import one_line
-from .results import atomic_write_text
+from .results import atomic_write_text, csv_text
 
 HEATMAP_DIR = "heatmaps"
 INDEX = "heatmaps.csv"
@@ -69,7 +70,7 @@ class HeatmapWriter:
     """Renders heatmaps one at a time on a background thread (``submit``), records the outcome per slide, and
     writes the index on ``close``. ``log`` gets one-line notes (called from the pipeline's threads)."""
 
-    def __init__(self, out_dir: Path, options: HeatmapOptions, positive_class: str,
+    def __init__(self, out_dir: Path, options: HeatmapOptions, positive_class: str, threshold: float,
                  log: Callable[[str], None]) -> None:
         if options.value not in VALUES:
             raise HeatmapError(f"--heatmap-value must be one of {', '.join(VALUES)}, got {options.value!r}")
@@ -85,6 +86,7 @@ class HeatmapWriter:
         self.out_dir = Path(out_dir)
         self.options = options
         self.positive_class = positive_class
+        self.threshold = threshold
         self.log = log
         self.use_images = options.slides_dir is not None and openslide_module() is not None
         if options.slides_dir is not None and not self.use_images:
@@ -107,8 +109,14 @@ class HeatmapWriter:
             self._rows[slide_id] = ("kept", "", "")
 
     def discard(self, slide_id: str) -> None:
-        """A slide that failed: no heatmap, and none left from an earlier run."""
-        heatmap_path(self.out_dir, slide_id).unlink(missing_ok=True)
+        """A slide that failed: no heatmap, and none left from an earlier run (a name too long to exist is not
+        there)."""
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            try:
+                heatmap_path(self.out_dir, slide_id).unlink()
+            except OSError as e:
+                if e.errno != errno.ENAMETOOLONG:
+                    raise
 
     def submit(self, slide_id: str, source: Path, coords: np.ndarray, outputs: dict[str, np.ndarray],
                probability: float, prediction: str) -> None:
@@ -138,7 +146,8 @@ class HeatmapWriter:
                     background = f"slide image {image.path.name}"
                 elif background == "patch grid":
                     background = "patch grid (no slide image found)"
-            title = f"{slide_id}\nP({self.positive_class}) = {probability:.3f}, prediction: {prediction}"
+            title = (f"{slide_id}\nP({self.positive_class}) = {probability:.3f}, threshold {self.threshold:.3f}: "
+                     f"{prediction}")
             self._heatmap.render_heatmap(path, coords, values, patch_size=patch_size, title=title,
                                          value_label=VALUES[self.options.value][1], thumbnail=thumbnail)
             row = ("ok", background, "")
@@ -154,12 +163,10 @@ class HeatmapWriter:
         """Wait for the queued heatmaps (or drop those not started, ``cancel``), write the index, report."""
         self._executor.shutdown(wait=True, cancel_futures=cancel)
         report = HeatmapReport(self.folder)
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(INDEX_COLUMNS)
+        records: list[tuple[str, ...]] = [INDEX_COLUMNS]
         with self._lock:
             for slide_id, (status, background, error) in sorted(self._rows.items()):
-                writer.writerow([slide_id, status, background, error])
+                records.append((slide_id, status, background, error))
                 if status == "ok":
                     report.n_ok += 1
                 elif status == "kept":
@@ -167,5 +174,5 @@ class HeatmapWriter:
                 else:
                     report.failures[slide_id] = error
         if self.folder.is_dir():
-            atomic_write_text(self.folder / INDEX, buf.getvalue())
+            atomic_write_text(self.folder / INDEX, csv_text(records))
         return report

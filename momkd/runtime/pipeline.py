@@ -7,16 +7,24 @@ Three stages overlap::
             -> compute thread (backend.run; attention written; the pack's rows appended to predictions.csv and
                fsynced; the whole file rewritten atomically, in file order, once at the end: see ``results``)
 
-Per-slide problems (every SlideError, duplicates, a slide over the engine's row limit, a backend failure on one
-slide, a non-finite output) become ``status=error`` rows and the run goes on. Model/usage problems raise a
-``MomkdError`` before anything is written (or, for a model whose outputs break the contract, stop the run
-after writing the rows finished so far).
+Per-slide problems (every SlideError, duplicates, a file name that cannot be a row as it is, a slide over the
+engine's row limit, a backend failure on one slide, a non-finite output (its pack re-run slide by slide, so
+that only that slide fails), a slide past ``--slide-timeout`` in the reader or the model, a slide from another
+encoder, an attention file name too long for the output folder) become ``status=error`` rows and the run goes
+on. Model/usage problems (an input folder
+without ``.h5`` files among them) raise a ``MomkdError`` before anything is written (or, for a model whose
+outputs break the contract, stop the run after writing the rows finished so far).
+
+The output folder is locked for the whole run (``outdir.OutputLock``: a second run into it is refused), and an
+output folder that fills up, is read-only or refuses writes stops the run with one line naming it
+(``outdir.output_errors``); the rows written until then stay valid for ``--resume``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import queue
+from collections.abc import Iterator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,12 +37,13 @@ from momkd import __version__
 from momkd.errors import ModelFolderError, MomkdError
 from momkd.manifest import Manifest, load_manifest
 
-from .attention_io import attention_path, write_attention
-from .backends import REQUIRED_OUTPUTS, Backend, select_backend
-from .discover import SlideFile, discover_slides
+from .attention_io import AttentionNameError, attention_path, discard_attention, write_attention
+from .backends import REQUIRED_OUTPUTS, Backend, PrecisionChoice, choose_precision, reduced_backend, select_backend
+from .discover import SlideFile, discover_slides, slides_below
 from .heatmap_writer import HeatmapOptions, HeatmapReport, HeatmapWriter, heatmap_path
 from momkd.data.batch import GraphSlide, Pack, check_output_shapes, split_outputs
 
+from .outdir import OutputLock, output_errors
 from .packing import BufferPool, Packer, PoolClosed
 from .reader import POOLS, ReaderConfig, SlideFailure, SlideReader, one_line, resolve_pool
 from .results import (PREDICTIONS, ResultRow, ResultsError, ResultsWriter, file_stamp, read_predictions,
@@ -42,6 +51,7 @@ from .results import (PREDICTIONS, ResultRow, ResultsError, ResultsWriter, file_
 
 DEFAULT_BATCH_PATCHES = 32_768   # rows per pack: ~16k+ rows keep a CPU or GPU busy; 2 buffers = 400 MB at D=1536
 DEFAULT_WORKERS = 2
+DEFAULT_SLIDE_TIMEOUT = 600.0    # seconds per slide, per stage (reader, model): far beyond any healthy slide
 RAMP = 3                         # first packs of 1/8, 1/4, 1/2 of the budget: compute starts early
 
 
@@ -67,6 +77,7 @@ class InferenceSummary:
     # (compute waits for packs)
     timings: dict[str, float] = field(default_factory=dict)
     heatmaps: HeatmapReport | None = None   # --heatmaps: PNGs written/kept and per-slide failures
+    precision: str = "fp32"                 # the graph that ran (backends.choose_precision)
 
     @property
     def slides_per_s(self) -> float:
@@ -80,7 +91,8 @@ class InferenceSummary:
         kept = f" ({self.n_kept} kept from an earlier run)" if self.n_kept else ""
         heatmaps = f"; {self.heatmaps.line()}" if self.heatmaps is not None else ""
         return (f"{self.n_ok} ok, {self.n_failed} failed{kept}, {self.slides_per_s:.1f} slides/s "
-                f"({self.backend}, {self.device}) -> {self.predictions_path}{heatmaps}")
+                f"({self.backend}, {self.device}{'' if self.precision == 'fp32' else ', ' + self.precision}) -> "
+                f"{self.predictions_path}{heatmaps}")
 
 
 ProgressFn = Callable[[int, int, int, int], None]   # (done, total, ok, failed)
@@ -136,17 +148,26 @@ def _kept_rows(out_dir: Path, folder: Path, files: list[SlideFile], manifest: Ma
     if info.get("input_folder") != str(folder):
         raise ResultsError(f"{pred}: made for another input folder ({info.get('input_folder')}); run without "
                            "--resume or use another --out")
-    stamps = info.get("files") or {}
+    stamps = info.get("files")
+    stamps = stamps if isinstance(stamps, dict) else {}
     by_rel = {f.rel: f for f in files}
     kept = {}
     for row in read_predictions(pred):
         f = by_rel.get(row.file)
-        if (row.status == "ok" and f is not None and f.duplicate_of is None and f.index not in kept
-                and row.slide_id == f.slide_id and stamps.get(f.rel) == file_stamp(f.path)
-                and (not save_attention or attention_path(out_dir, f.slide_id).is_file())
-                and (not heatmaps or heatmap_path(out_dir, f.slide_id).is_file())):
+        if (row.status == "ok" and f is not None and f.duplicate_of is None and f.bad_name is None
+                and f.index not in kept and row.slide_id == f.slide_id and stamps.get(f.rel) == file_stamp(f.path)
+                and (not save_attention or _is_file(attention_path(out_dir, f.slide_id)))
+                and (not heatmaps or _is_file(heatmap_path(out_dir, f.slide_id)))):
             kept[f.index] = row
     return kept
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the name cannot exist (too long for the filesystem)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path, *, backend: str = "auto",
@@ -155,7 +176,10 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
                   resume: bool = False, save_attention: bool = False, progress: ProgressFn | None = None,
                   log: Callable[[str], None] | None = None, threads: int | None = None,
                   reader: str = "auto", backend_obj: Backend | None = None,
-                  heatmaps: HeatmapOptions | None = None) -> InferenceSummary:
+                  heatmaps: HeatmapOptions | None = None, model_sha256: str | None = None,
+                  engine: Callable[[Manifest], Backend] | None = None,
+                  slide_timeout: float | None = DEFAULT_SLIDE_TIMEOUT,
+                  allow_encoder_mismatch: bool = False, precision: str = "auto") -> InferenceSummary:
     """Predict every ``.h5`` slide file in ``folder`` with the model folder ``model_dir``; write ``out_dir``.
 
     ``backend``: auto | onnxruntime | tensorrt | torch; ``device``: None (best available) | cpu | cuda[:N];
@@ -167,6 +191,20 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
     ``backend_obj``: an already built backend (benchmarks), instead of ``backend``/``device``.
     ``heatmaps``: also render ``out_dir/heatmaps/{slide_id}.png`` for every ok slide (needs matplotlib; see
     ``heatmap_writer``); a heatmap that fails is recorded and the run goes on.
+    ``model_sha256``: the sha256 of the approved ``manifest.json`` (``momkd.manifest.resolve_pin``); a model
+    folder whose manifest hashes differently is refused before anything is loaded.
+    ``engine``: builds the compute engine from the verified manifest, instead of ``backend``/``device`` (``momkd
+    infer --server``: ``momkd.runtime.remote.RemoteBackend``); closed at the end like a selected backend. An
+    engine with ``run_pack(pack)`` gets whole packs (coords kept when it sets ``needs_coords``), see ``_run_pack``.
+
+    ``slide_timeout``: seconds a slide may take in the reader (read + checks + neighbour graph) and, separately,
+    in the model; past it the slide gets a ``timeout`` row and the run goes on (0/None: no limit). A stuck
+    reader process is killed; a reader thread cannot be (it runs on, its result dropped); an onnxruntime call is
+    cancelled; a TensorRT or torch call cannot be and runs to its end.
+    ``allow_encoder_mismatch``: use slides whose ``encoder`` attribute names another encoder than the model's
+    (otherwise each is a failed row; recorded in run.json).
+    ``precision``: auto | fp32 | int8 | bf16 (``backends.choose_precision``: auto runs the int8 graph where its
+    gates passed and the CPU has VNNI/AMX); the choice and its reason are recorded in run.json.
 
     Raises ``MomkdError`` subclasses (ModelFolderError, BackendError, ResultsError, UsageError) for problems that
     are not one slide's; returns the summary otherwise (``summary.exit_code``: 0 all ok, 1 some failed).
@@ -174,26 +212,67 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
     t_setup = time.perf_counter()
     say = log or (lambda _m: None)
     _check_options(batch_patches, workers, reader)
+    if slide_timeout is not None and not slide_timeout >= 0:
+        raise UsageError(f"--slide-timeout must be >= 0 seconds (0: no limit), got {slide_timeout}")
     folder_p, out_p = _check_paths(Path(folder), Path(out_dir))
-    manifest = _load_model(model_dir, say)
-    painter = (HeatmapWriter(out_p, heatmaps, manifest.model.class_names[1], say) if heatmaps is not None
-               else None)
+    manifest = _load_model(model_dir, say, model_sha256)
+    painter = (HeatmapWriter(out_p, heatmaps, manifest.model.class_names[1], manifest.model.threshold, say)
+               if heatmaps is not None else None)
     files = _discover(folder_p, str(folder), recursive, say)
-    kept = _resume_rows(resume, out_p, folder_p, files, manifest, save_attention, painter is not None, say)
-    be = backend_obj if backend_obj is not None else select_backend(backend, device, manifest, log=say, threads=threads)
-    writer = _start_results(out_p, files, kept, painter)
-    write_run_info(out_p, _run_info(model_dir, manifest, folder_p, recursive, be, files))
-    run = InferenceRun([f for f in files if f.index not in kept], manifest, be, writer, out_p, painter, say,
-                       progress, total=len(files), n_kept=len(kept), batch_patches=batch_patches, workers=workers,
-                       save_attention=save_attention, pool=resolve_pool(reader, be.device))
-    setup_s = time.perf_counter() - t_setup
-    elapsed, painted = _execute(run, close_backend=backend_obj is None)
-    return _summary(run, elapsed, setup_s, painted)
+    with _output_folder(out_p, say), output_errors(out_p):
+        kept = _resume_rows(resume, out_p, folder_p, files, manifest, save_attention, painter is not None, say)
+        choice = (choose_precision(manifest, precision, backend, device) if backend_obj is None and engine is None
+                  else PrecisionChoice("fp32", "a prebuilt backend or engine"))
+        if choice.precision != "fp32" or manifest.reduced:   # (always in run.json)
+            say(f"note: precision {choice.precision} ({choice.reason})")
+        be = (backend_obj if backend_obj is not None else engine(manifest) if engine is not None
+              else reduced_backend(manifest, choice.precision, threads) if choice.precision != "fp32"
+              else select_backend(backend, device, manifest, log=say, threads=threads))
+        try:
+            writer = _start_results(out_p, files, kept, painter)
+            write_run_info(out_p, {**_run_info(model_dir, manifest, folder_p, recursive, be, files),
+                                   "precision": choice.precision, "precision_reason": choice.reason,
+                                   "slide_timeout_s": slide_timeout or None,
+                                   "allow_encoder_mismatch": allow_encoder_mismatch})
+        except BaseException:
+            if backend_obj is None:
+                be.close()
+            raise
+        run = InferenceRun([f for f in files if f.index not in kept], manifest, be, writer, out_p, painter, say,
+                           progress, total=len(files), n_kept=len(kept), batch_patches=batch_patches,
+                           workers=workers, save_attention=save_attention, pool=resolve_pool(reader, be.device),
+                           slide_timeout=slide_timeout or None, allow_encoder_mismatch=allow_encoder_mismatch)
+        setup_s = time.perf_counter() - t_setup
+        elapsed, painted = _execute(run, close_backend=backend_obj is None)
+    summary = _summary(run, elapsed, setup_s, painted)
+    summary.precision = choice.precision
+    return summary
 
 
-def _load_model(model_dir: str | Path, say: Callable[[str], None]) -> Manifest:
-    """The model folder's manifest (checksums verified) and the graph library it needs."""
-    manifest = load_manifest(model_dir, verify_checksums=True)
+@contextlib.contextmanager
+def _output_folder(out_p: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Create the output folder (when missing) and hold its lock (``outdir.OutputLock``) while the block runs; a
+    folder made here that the run leaves empty (it stopped before writing anything) is removed again."""
+    created = not out_p.exists()
+    with output_errors(out_p):
+        out_p.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(out_p)
+    try:
+        lock.acquire()
+        if not lock.supported:
+            say(f"note: {out_p} cannot be locked on this filesystem: make sure no other momkd infer writes into it")
+        yield
+    finally:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                out_p.rmdir()      # only when empty
+
+
+def _load_model(model_dir: str | Path, say: Callable[[str], None], pinned_sha256: str | None = None) -> Manifest:
+    """The model folder's manifest (the pinned manifest hash, when given, and the checksums verified) and the
+    graph library it needs."""
+    manifest = load_manifest(model_dir, verify_checksums=True, pinned_sha256=pinned_sha256)
     _check_graph_library(manifest, say)
     return manifest
 
@@ -216,9 +295,14 @@ def _check_graph_library(manifest: Manifest, say: Callable[[str], None]) -> None
 
 
 def _discover(folder_p: Path, folder: str, recursive: bool, say: Callable[[str], None]) -> list[SlideFile]:
-    files = discover_slides(folder_p, recursive=recursive)
+    """The slide files of the input folder (entries that only look like one are noted); a usage error when
+    there are none (an empty or mistyped folder must not end as a successful run of nothing)."""
+    files = discover_slides(folder_p, recursive=recursive, note=say)
     if not files:
-        say(f"note: no .h5 files found in {folder}" + ("" if recursive else " (use --recursive for subfolders)"))
+        if recursive:
+            raise UsageError(f"no .h5 files in {folder} or its subfolders")
+        hint = " (did you mean --recursive? its subfolders hold some)" if slides_below(folder_p) else ""
+        raise UsageError(f"no .h5 files in {folder}{hint}")
     return files
 
 
@@ -235,8 +319,7 @@ def _resume_rows(resume: bool, out_p: Path, folder_p: Path, files: list[SlideFil
 
 def _start_results(out_p: Path, files: list[SlideFile], kept: dict[int, ResultRow],
                    painter: HeatmapWriter | None) -> ResultsWriter:
-    """Create the output folder and replace predictions.csv by the kept rows (atomically, before run.json)."""
-    out_p.mkdir(parents=True, exist_ok=True)
+    """Replace predictions.csv by the kept rows (atomically, before run.json)."""
     writer = ResultsWriter(out_p, len(files))
     for index, row in kept.items():
         writer.set(index, row)
@@ -309,6 +392,8 @@ class InferenceRun:
     workers: int
     save_attention: bool
     pool: str
+    slide_timeout: float | None = None       # seconds a slide may take in the reader and in one model call
+    allow_encoder_mismatch: bool = False     # use slides whose encoder attribute names another encoder
     counts: dict[str, int] = field(init=False)
     # sums: see InferenceSummary.timings
     timings: dict[str, float] = field(init=False)
@@ -339,9 +424,12 @@ class InferenceRun:
         """Read, pack and compute every slide of ``todo``; re-raise the compute thread's error, if any."""
         model = self.manifest.model
         cfg = ReaderConfig(feature_dim=model.feature_dim, k=model.k, direction=model.graph_direction,
-                           keep_coords=self.save_attention or self.painter is not None)
+                           keep_coords=(self.save_attention or self.painter is not None
+                                        or getattr(self.be, "needs_coords", False)),
+                           encoder=None if self.allow_encoder_mismatch else model.encoder)
         self.reader = SlideReader(self.todo, cfg, workers=self.workers, max_inflight=64, pool=self.pool,
-                                  max_inflight_bytes=max(self.max_rows * model.feature_dim * 4, 64 << 20))
+                                  max_inflight_bytes=max(self.max_rows * model.feature_dim * 4, 64 << 20),
+                                  slide_timeout=self.slide_timeout)
         self.packer = Packer(self.max_rows, self.be.max_slides,
                              BufferPool(self.max_rows, max_buffers=2, stop=self.stop), ramp=RAMP)
         worker = threading.Thread(target=self.compute_loop, name="momkd-compute", daemon=True)
@@ -411,6 +499,9 @@ class InferenceRun:
         worker.join(timeout=60)
         with self.lock:
             self.writer.flush()
+        for f in self.reader.abandoned:
+            self.say(f"note: the timed-out read of {f.rel} still runs in a reader thread (a thread cannot be "
+                     "stopped); momkd exits once it returns (--reader processes stops such reads)")
 
     # -- the compute thread ------------------------------------------------------------------------------------
 
@@ -424,7 +515,7 @@ class InferenceRun:
                 return
             try:
                 tc = time.perf_counter()
-                results = _run_pack(self.be, pack)
+                results = _run_pack(self.be, pack, self.slide_timeout)
                 self.timings["compute_s"] += time.perf_counter() - tc
                 pack.release()
                 self.record_results(results)
@@ -450,12 +541,12 @@ class InferenceRun:
 
     # -- recording (either thread, under the lock) -------------------------------------------------------------
 
-    def record_results(self, results: list[tuple[Any, dict[str, Any] | str]]) -> None:
+    def record_results(self, results: list[SlideOutcome]) -> None:
         """One pack's outcomes: rows (and attention files, heatmaps); the new rows appended to the CSV."""
         with self.lock:
             for entry, out in results:
-                if isinstance(out, str):
-                    self._fail(SlideFailure(entry.meta, "inference", out, entry.n))
+                if isinstance(out, SlideFailure):
+                    self._fail(out)
                 else:
                     self._record_ok(entry, out)
             self.writer.commit()
@@ -471,11 +562,16 @@ class InferenceRun:
         model = self.manifest.model
         p = float(out["probability"])
         pred = model.class_names[1] if p >= model.threshold else model.class_names[0]
-        self.writer.set(file.index, ResultRow.ok(file.slide_id, file.rel, entry.n, p, pred))
-        self.counts["ok"] += 1
         if self.save_attention:
-            write_attention(self.out_p, file.slide_id, entry.coords, out["attention"], out["patch_score"],
-                            source=str(file.path), probability=p, model_sha256=self.manifest.sha256)
+            try:
+                write_attention(self.out_p, file.slide_id, entry.coords, out["attention"], out["patch_score"],
+                                source=str(file.path), probability=p, model_sha256=self.manifest.sha256)
+            except AttentionNameError as e:
+                self._fail(SlideFailure(file, e.code, e.message, entry.n))
+                return
+        self.writer.set(file.index, ResultRow.ok(file.slide_id, file.rel, entry.n, p, pred,
+                                                 threshold=model.threshold))
+        self.counts["ok"] += 1
         if self.painter is not None:
             self.painter.submit(file.slide_id, file.path, entry.coords, out, p, pred)
 
@@ -484,9 +580,9 @@ class InferenceRun:
                         ResultRow.failed(f.file.slide_id, f.file.rel, f"{f.code}: {f.message}", f.n_patches))
         self.counts["failed"] += 1
         self.say(f"failed: {f.file.rel}: {f.code}: {f.message}")
-        if f.code != "duplicate":   # never leave an older run's attention or heatmap for a failed slide
-            if self.save_attention:
-                attention_path(self.out_p, f.file.slide_id).unlink(missing_ok=True)
+        if f.code not in ("duplicate", "bad_name"):   # never leave an older run's attention or heatmap for a failed
+            if self.save_attention:                      # slide (those two never had their own)
+                discard_attention(self.out_p, f.file.slide_id)
             if self.painter is not None:
                 self.painter.discard(f.file.slide_id)
 
@@ -497,28 +593,86 @@ def _check_outputs(outputs: dict[str, np.ndarray], pack: Pack) -> None:
         raise ModelFolderError(problem)
 
 
-def _run_pack(be: Backend, pack: Pack) -> list[tuple[Any, dict[str, Any] | str]]:
-    """Run one pack; per slide, its outputs or an error message. A failing pack of several slides is retried
-    slide by slide so that one slide's failure does not take its neighbours down."""
+NON_FINITE_OUTPUT = "model output is not finite (features out of the encoder's range?)"
+
+SlideOutcome = tuple[Any, "dict[str, Any] | SlideFailure"]   # (pack entry, its outputs or its failure)
+
+
+class _ModelTimeout(Exception):
+    """The backend call ran past the slide budget and was cancelled."""
+
+
+def _call(be: Backend, pack: Pack, budget: float | None) -> dict[str, np.ndarray]:
+    """One backend call on ``pack``. With a ``budget`` (seconds) and a backend whose calls can be cancelled
+    (``run_options``: onnxruntime), a watchdog timer cancels a call that runs longer (``_ModelTimeout``); other
+    backends' calls cannot be stopped and run to the end."""
+    run_pack = getattr(be, "run_pack", None)   # a remote engine (momkd.runtime.remote) takes the whole pack
+    if run_pack is not None:
+        return run_pack(pack)
+    new_options = getattr(be, "run_options", None)
+    if not budget or new_options is None:
+        return be.run(pack.features, pack.neighbors, pack.slide_offsets)
+    options = new_options()
+    fired = threading.Event()
+
+    def cancel() -> None:
+        fired.set()
+        options.terminate = True
+
+    watchdog = threading.Timer(budget, cancel)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        outputs = be.run(pack.features, pack.neighbors, pack.slide_offsets)
+        return be.run(pack.features, pack.neighbors, pack.slide_offsets, run_options=options)  # type: ignore[call-arg]
+    except Exception:
+        if fired.is_set():
+            raise _ModelTimeout() from None
+        raise
+    finally:
+        watchdog.cancel()
+
+
+def _run_pack(be: Backend, pack: Pack, budget: float | None = None) -> list[SlideOutcome]:
+    """Run one pack; per slide, its outputs or its failure. A pack of several slides that fails in the backend
+    is retried slide by slide, so that one slide's failure does not take its neighbours down; so are the slides
+    whose outputs are not finite (an overflowing slide isolates itself in the graph's per-slide masking, but an
+    older exported graph spreads its NaN over the whole pack): alone, every finite slide gets its outputs. A
+    pack cancelled at the slide budget (seconds, ``budget``) is retried slide by slide too, each with the whole
+    budget: only a slide that takes longer alone gets its timeout row."""
+    try:
+        outputs = _call(be, pack, budget)
     except MomkdError:
         raise
+    except _ModelTimeout:
+        if pack.n_slides == 1:
+            return [(pack.entries[0], _failure(pack.entries[0], "timeout",
+                                               f"slide took more than {budget:g} s (model)"))]
+        return [r for single in pack.singles() for r in _run_pack(be, single, budget)]
     except Exception as e:  # noqa: BLE001 - backend errors are the slide's, not the run's
         if pack.n_slides == 1:
-            return [(pack.entries[0], f"inference failed ({type(e).__name__}: {one_line(str(e), 300)})")]
-        return [r for single in pack.singles() for r in _run_pack(be, single)]
+            return [(pack.entries[0], _failure(pack.entries[0], "inference",
+                                               f"inference failed ({type(e).__name__}: {one_line(str(e), 300)})"))]
+        return [r for single in pack.singles() for r in _run_pack(be, single, budget)]
     _check_outputs(outputs, pack)
-    results: list[tuple[Any, dict[str, Any] | str]] = []
-    for entry, out in zip(pack.entries, split_outputs(pack, outputs)):
-        if not np.isfinite(out["probability"]):
-            results.append((entry, "the model's probability is not finite (NaN/Inf)"))
-        elif not np.all(np.isfinite(out["attention"])):
-            results.append((entry, "the model's attention is not finite (NaN/Inf)"))
-        else:
-            results.append((entry, out))
+    per_slide = split_outputs(pack, outputs)
+    if pack.n_slides == 1 and not _finite(per_slide[0]):
+        return [(pack.entries[0], _failure(pack.entries[0], "inference", NON_FINITE_OUTPUT))]
+    singles = pack.singles() if not all(map(_finite, per_slide)) else []
+    results: list[SlideOutcome] = []
+    for b, (entry, out) in enumerate(zip(pack.entries, per_slide)):
+        results.extend([(entry, out)] if _finite(out) else _run_pack(be, singles[b], budget))
     return results
 
 
+def _finite(out: dict[str, Any]) -> bool:
+    """All of one slide's required outputs are finite (probability, logits, attention, patch score)."""
+    return all(bool(np.all(np.isfinite(out[name]))) for name in REQUIRED_OUTPUTS if name in out)
+
+
+def _failure(entry: Any, code: str, message: str) -> SlideFailure:
+    return SlideFailure(entry.meta, code, message, entry.n)
+
+
 # re-exported for callers that only import the pipeline
-__all__ = ["run_inference", "InferenceSummary", "UsageError", "DEFAULT_BATCH_PATCHES", "DEFAULT_WORKERS"]
+__all__ = ["run_inference", "InferenceSummary", "UsageError", "DEFAULT_BATCH_PATCHES", "DEFAULT_WORKERS",
+           "DEFAULT_SLIDE_TIMEOUT"]

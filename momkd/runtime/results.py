@@ -2,7 +2,12 @@
 trust earlier rows (same model, same input folder, file unchanged).
 
 Format: UTF-8 CSV, ``\\n`` line ends, the header ``COLUMNS``, then one row per ``.h5`` file found; a row's
-``error`` is one line; ``probability`` has 9 significant digits (float32 round trip).
+``error`` is one line; ``probability`` has 9 significant digits (float32 round trip); ``threshold`` is the model's
+decision threshold (``prediction`` is the positive class when ``probability >= threshold``). A field holding a
+line break or a carriage return is quoted. A text cell that a spreadsheet would run as a formula (it starts with
+``= + - @``, a tab or a carriage return) is written with a leading ``'`` (OWASP's CSV-injection advice), and so is
+a cell that starts with ``'`` itself: ``read_predictions`` strips that one ``'``, so every value round-trips
+exactly.
 
 Durability contract (what the file holds at any moment, a ``kill -9`` or a crash included):
 
@@ -29,12 +34,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from momkd.atomic import write_text as atomic_write_text
 from momkd.errors import MomkdError
 
-COLUMNS = ("slide_id", "file", "status", "error", "n_patches", "probability", "prediction")
+COLUMNS = ("slide_id", "file", "status", "error", "n_patches", "probability", "prediction", "threshold")
+LEGACY_COLUMNS = COLUMNS[:-1]    # before the threshold column: still read (those rows' threshold is "")
+FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")   # a cell a spreadsheet would evaluate (OWASP CSV injection)
+TEXT_MARK = "'"                                    # written before such a cell (and before a cell starting with it)
 PREDICTIONS = "predictions.csv"
 RUN_INFO = "run.json"
 
@@ -52,22 +61,37 @@ class ResultRow:
     n_patches: str = ""
     probability: str = ""
     prediction: str = ""
+    threshold: str = ""              # the model's decision threshold (ok rows)
 
     @classmethod
-    def ok(cls, slide_id: str, file: str, n_patches: int, probability: float, prediction: str) -> "ResultRow":
-        return cls(slide_id, file, "ok", "", str(int(n_patches)), format_probability(probability), prediction)
+    def ok(cls, slide_id: str, file: str, n_patches: int, probability: float, prediction: str, *,
+           threshold: float) -> "ResultRow":
+        return cls(slide_id, file, "ok", "", str(int(n_patches)), format_probability(probability), prediction,
+                   format_probability(threshold))
 
     @classmethod
     def failed(cls, slide_id: str, file: str, error: str, n_patches: int | None = None) -> "ResultRow":
         return cls(slide_id, file, "error", " ".join(error.split()), "" if n_patches is None else str(int(n_patches)))
 
     def values(self) -> list[str]:
-        return [self.slide_id, self.file, self.status, self.error, self.n_patches, self.probability, self.prediction]
+        return [self.slide_id, self.file, self.status, self.error, self.n_patches, self.probability, self.prediction,
+                self.threshold]
 
 
 def format_probability(p: float) -> str:
     """Round-trip precision for float32 (9 significant digits)."""
     return f"{float(p):.9g}"
+
+
+def spreadsheet_cell(value: str) -> str:
+    """``value`` as written to a CSV cell: a leading ``'`` when a spreadsheet would run it as a formula (or when it
+    starts with ``'`` itself, so that ``plain_cell`` can always undo it)."""
+    return TEXT_MARK + value if value.startswith((*FORMULA_LEADS, TEXT_MARK)) else value
+
+
+def plain_cell(cell: str) -> str:
+    """The value of a cell written by ``spreadsheet_cell``."""
+    return cell[1:] if cell.startswith(TEXT_MARK) else cell
 
 
 def read_predictions(path: Path) -> list[ResultRow]:
@@ -84,8 +108,8 @@ def read_predictions(path: Path) -> list[ResultRow]:
     except UnicodeDecodeError as e:
         raise ResultsError(f"{path}: cannot be read for --resume ({e})") from None
     records, torn = _records(text, torn, path)
-    header = records[0][1] if records else None
-    if header is None or tuple(header) != COLUMNS:
+    header = tuple(records[0][1]) if records else None
+    if header not in (COLUMNS, LEGACY_COLUMNS):
         raise ResultsError(f"{path}: not a momkd predictions file (header {header}); use another --out")
     if torn and len(records) > 1:
         records.pop()                 # the record a killed append left half written
@@ -93,9 +117,9 @@ def read_predictions(path: Path) -> list[ResultRow]:
     for line, rec in records[1:]:
         if not rec:
             continue
-        if len(rec) != len(COLUMNS) or rec[2] not in ("ok", "error"):
+        if len(rec) != len(header) or rec[2] not in ("ok", "error"):
             raise _malformed(path, line)
-        rows.append(ResultRow(*rec))
+        rows.append(ResultRow(*(plain_cell(cell) for cell in rec)))
     return rows
 
 
@@ -121,12 +145,15 @@ def _records(text: str, torn: bool, path: Path) -> tuple[list[tuple[int, list[st
 
 
 def file_stamp(path: Path) -> list[int] | None:
-    """(size, mtime_ns) of a slide file: an earlier row is reused only while this is unchanged."""
+    """(size, mtime_ns, ctime_ns, inode, device) of a slide file (its target, for a symlink): an earlier row is
+    reused only while this is unchanged. A file rewritten in place within the mtime's resolution, or replaced
+    by another file (a copy, a rename over it) changes its ctime or inode even where the size and the mtime
+    stay. A stamp of another form (an older momkd's (size, mtime_ns)) never equals it: that slide is redone."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return None
-    return [int(st.st_size), int(st.st_mtime_ns)]
+    return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino), int(st.st_dev)]
 
 
 class ResultsWriter:
@@ -150,7 +177,7 @@ class ResultsWriter:
         self.dirty = True
 
     def flush(self) -> None:
-        text = _csv_text([COLUMNS] + [row.values() for row in self.rows if row is not None])
+        text = csv_text([COLUMNS] + [row.values() for row in self.rows if row is not None])
         atomic_write_text(self.path, text)
         self.bytes_written += len(text.encode("utf-8"))
         self.pending.clear()
@@ -162,7 +189,7 @@ class ResultsWriter:
             return
         rows = [self.rows[i] for i in sorted(self.pending)]
         self.pending.clear()            # never appended twice, even after a failed write (the end rewrites all)
-        data = _csv_text([row.values() for row in rows if row is not None]).encode("utf-8")
+        data = csv_text([row.values() for row in rows if row is not None]).encode("utf-8")
         with open(self.path, "ab") as f:
             f.write(data)
             f.flush()
@@ -178,10 +205,19 @@ class ResultsWriter:
         return sum(1 for r in self.rows if r is not None and r.status == "error")
 
 
-def _csv_text(records: list) -> str:
+def csv_text(records: Iterable[Sequence[str]]) -> str:
+    """``records`` as CSV text: ``\\n`` line ends, a field quoted when it holds a delimiter, a quote, ``\\n`` or
+    ``\\r`` (the csv module quotes only the line terminator's characters: each record is written with ``\\r\\n``
+    and its last two characters replaced), every cell through ``spreadsheet_cell``."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(records)
-    return buf.getvalue()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    lines = []
+    for record in records:
+        writer.writerow([spreadsheet_cell(str(value)) for value in record])
+        lines.append(buf.getvalue()[:-2] + "\n")
+        buf.seek(0)
+        buf.truncate()
+    return "".join(lines)
 
 
 def write_run_info(out_dir: Path, info: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from momkd.models.memory import MemoryUsage
 from momkd.train.config import TrainConfig
 from momkd.train.data import SlideStore
 from momkd.train.predict import predict_slides, slide_tensors
+from momkd.train.resume import EpochState, RandomState
 from momkd.train.sampler import balanced_epoch
 from momkd.train.stopping import make_stopping
 
@@ -194,9 +195,17 @@ class FoldTrainer:
         return roc_auc(case_y, case_p), ce
 
     # ------------------------------------------------------------------ the whole fit
-    def fit(self, train: Sequence[SlideLabel], val: Sequence[SlideLabel], rng: np.random.Generator) -> FitResult:
-        """Initialise the memory, train with early stopping on validation AUC, keep the selected weights."""
-        self.init_memory(train, rng)
+    def fit(self, train: Sequence[SlideLabel], val: Sequence[SlideLabel], rng: np.random.Generator,
+            resume: EpochState | None = None, on_checkpoint: Callable[[EpochState], None] | None = None
+            ) -> FitResult:
+        """Initialise the memory, train with early stopping on validation AUC, keep the selected weights.
+
+        ``on_checkpoint`` receives the complete state after every epoch (``momkd.train.resume``); ``resume``, a
+        state it received, continues from there (no memory initialisation, every generator restored), so the
+        epochs after it are those the uninterrupted fit would run.
+        """
+        if resume is None:
+            self.init_memory(train, rng)
         optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
         )
@@ -206,7 +215,20 @@ class FoldTrainer:
         )
         stopping = make_stopping(self.cfg.protocol, self.cfg.patience, self.cfg.min_epochs)
         result = FitResult(best_state={}, best_epoch=0)
-        for epoch in range(1, self.cfg.epochs + 1):
+        first, stopped = 1, False
+        if resume is not None:
+            self.model.load_state_dict(resume.model)
+            optimizer.load_state_dict(resume.optimizer)
+            if scheduler is not None and resume.scheduler is not None:
+                scheduler.load_state_dict(resume.scheduler)
+            stopping.load_state_dict(resume.stopping)
+            resume.random.restore(rng, self.device)
+            result = FitResult(best_state=resume.best_state, best_epoch=resume.best_epoch,
+                               history=list(resume.history))
+            first, stopped = resume.epoch + 1, resume.stopped
+        for epoch in range(first, self.cfg.epochs + 1):
+            if stopped:
+                break
             if self.on_epoch is not None:
                 self.on_epoch(epoch)
             row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
@@ -223,7 +245,12 @@ class FoldTrainer:
             if scheduler is not None:
                 undefined = 0.5 if self.cfg.protocol == "official" else -val_ce
                 scheduler.step(val_auc if not math.isnan(val_auc) else undefined)
-            if decision.stop:
-                break
+            stopped = decision.stop
+            if on_checkpoint is not None:
+                on_checkpoint(EpochState(
+                    epoch=epoch, stopped=stopped, model=self.model.state_dict(), optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict() if scheduler is not None else None,
+                    stopping=stopping.state_dict(), best_state=result.best_state, best_epoch=result.best_epoch,
+                    history=result.history, random=RandomState.capture(rng, self.device)))
         self.model.load_state_dict(result.best_state)
         return result

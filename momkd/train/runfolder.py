@@ -6,7 +6,10 @@ layout::
     RUN/summary.json             written last: the run is finished; its ``folds`` are the run's folds
     RUN/summary.md               the CV table
     RUN/fold_K/model.safetensors, model.json     the fold's checkpoint (``momkd.train.checkpoint``)
-    RUN/fold_K/metrics.json, history.csv, test_predictions.csv, omics_transform.json
+    RUN/fold_K/metrics.json, history.csv, test_predictions.csv, omics_transform.json   (metrics.json last: the
+                                 fold is finished)
+    RUN/fold_K/resume.safetensors  the fold's state after its last complete epoch (``momkd.train.resume``), for
+                                 ``momkd train --resume``; removed once the fold is finished
 
 Every file is written atomically (a temporary file in the same folder, then ``os.replace``). Reading: a file that
 is missing or malformed is one ``RunFolderError`` line naming the file; per-fold files that are absent are
@@ -43,6 +46,8 @@ TEST_PREDICTIONS = "test_predictions.csv"
 TEST_COLUMNS = ("slide_id", "case_id", "label", "probability")
 WEIGHTS = "model.safetensors"
 META = "model.json"
+RESUME = "resume.safetensors"
+OMICS_TRANSFORM = "omics_transform.json"
 
 
 def fold_dir(run_dir: Path, fold: int) -> Path:

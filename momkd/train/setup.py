@@ -12,7 +12,7 @@ from momkd.config import LossConfig, ModelConfig, preset as preset_configs
 from momkd.data.validate import validate_cohort
 from momkd.errors import MomkdError
 from momkd.train.config import TrainConfig
-from momkd.train.run import TrainingData
+from momkd.train.run import OmicsOptions, TrainingData
 
 
 class DataRefusedError(MomkdError):
@@ -65,10 +65,16 @@ def load_training_data(
     positive: str,
     folds: int = 5,
     console: Console | None = None,
+    omics_opts: OmicsOptions | None = None,
 ) -> TrainingData:
-    """Validate the whole cohort; print every problem and raise ``DataRefusedError`` if there is any."""
+    """Validate the whole cohort (omics with the checks training's ``omics_opts`` will apply); print every
+    warning and every problem, and raise ``DataRefusedError`` if there is any problem."""
     report = validate_cohort(cohort_csv, features_dir, omics_path, label_col, positive, folds=folds,
-                             require_omics=omics_path is not None)
+                             require_omics=omics_path is not None,
+                             omics_transform=(omics_opts or OmicsOptions()).transform() if omics_path else None)
+    if console is not None:
+        for warning in report.warnings:
+            console.print(f"warning: {warning}", highlight=False, markup=False, soft_wrap=True)
     if not report.ok:
         if console is not None:
             for problem in report.problems:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 RULES = ("paper", "official")
 
@@ -31,6 +31,12 @@ class Decision:
 
 class Stopping(Protocol):
     def update(self, epoch: int, val_auc: float, val_ce: float) -> Decision: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``update`` remembers between epochs (JSON-serialisable), for resuming a killed run."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class PaperStopping:
@@ -50,6 +56,13 @@ class PaperStopping:
             self.stale += 1
         return Decision(keep, epoch >= self.min_epochs and self.stale >= self.patience)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": list(self.best), "stale": self.stale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        auc, neg_ce = state["best"]
+        self.best, self.stale = (float(auc), float(neg_ce)), int(state["stale"])
+
 
 class OfficialStopping:
     """The authors' ``EarlyStopping``: ties improve, stop after ``patience`` drops once epoch - 1 > ``stop_epoch``."""
@@ -66,6 +79,13 @@ class OfficialStopping:
             return Decision(False, self.counter >= self.patience and epoch - 1 > self.stop_epoch)
         self.best, self.counter = score, 0
         return Decision(True, False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "counter": self.counter}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = None if state["best"] is None else float(state["best"])
+        self.counter = int(state["counter"])
 
 
 def make_stopping(rule: str, patience: int, min_epochs: int) -> Stopping:
