@@ -249,8 +249,8 @@ def _study_cohort(out: Path, cases: int, feature_dim: int, genes: int, seed: int
     truth_csv = _write_csv(out / "truth.csv", ["case_id", "molecular_state", "state_label", "label_flipped"],
                            [[c, f"{s:.6f}", int(y), int(f)]
                             for c, s, y, f in zip(case_ids, state, state_label, flipped)])
-    np.savez_compressed(out / "signal_masks.npz", allow_pickle=False, **masks)
-    np.savez_compressed(out / "patch_tissue.npz", allow_pickle=False, **tissue)
+    np.savez_compressed(out / "signal_masks.npz", **masks)   # numeric arrays only: no pickle
+    np.savez_compressed(out / "patch_tissue.npz", **tissue)
     return SyntheticCohort(cohort_csv=cohort_csv, features_dir=out / "features", omics_path=omics_path,
                            truth_csv=truth_csv, signal_masks=out / "signal_masks.npz",
                            patch_tissue=out / "patch_tissue.npz")
