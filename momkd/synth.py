@@ -25,6 +25,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -249,8 +250,9 @@ def _study_cohort(out: Path, cases: int, feature_dim: int, genes: int, seed: int
     truth_csv = _write_csv(out / "truth.csv", ["case_id", "molecular_state", "state_label", "label_flipped"],
                            [[c, f"{s:.6f}", int(y), int(f)]
                             for c, s, y, f in zip(case_ids, state, state_label, flipped)])
-    np.savez_compressed(out / "signal_masks.npz", **masks)   # numeric arrays only: no pickle
-    np.savez_compressed(out / "patch_tissue.npz", **tissue)
+    # numeric arrays only (no pickle); numpy 1.x has no allow_pickle here (it would be saved as an array)
+    np.savez_compressed(out / "signal_masks.npz", **cast(dict[str, Any], masks))
+    np.savez_compressed(out / "patch_tissue.npz", **cast(dict[str, Any], tissue))
     return SyntheticCohort(cohort_csv=cohort_csv, features_dir=out / "features", omics_path=omics_path,
                            truth_csv=truth_csv, signal_masks=out / "signal_masks.npz",
                            patch_tissue=out / "patch_tissue.npz")

@@ -195,7 +195,7 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
     folder whose manifest hashes differently is refused before anything is loaded.
     ``engine``: builds the compute engine from the verified manifest, instead of ``backend``/``device`` (``momkd
     infer --server``: ``momkd.runtime.remote.RemoteBackend``); closed at the end like a selected backend. An
-    engine with ``run_pack(pack)`` gets whole packs (coords kept when it sets ``needs_coords``), see ``_run_pack``.
+    engine with ``run_pack(pack)`` gets whole packs (coords kept when it sets ``needs_coords``), see ``run_pack``.
 
     ``slide_timeout``: seconds a slide may take in the reader (read + checks + neighbour graph) and, separately,
     in the model; past it the slide gets a ``timeout`` row and the run goes on (0/None: no limit). A stuck
@@ -273,11 +273,11 @@ def _load_model(model_dir: str | Path, say: Callable[[str], None], pinned_sha256
     """The model folder's manifest (the pinned manifest hash, when given, and the checksums verified) and the
     graph library it needs."""
     manifest = load_manifest(model_dir, verify_checksums=True, pinned_sha256=pinned_sha256)
-    _check_graph_library(manifest, say)
+    check_graph_library(manifest, say)
     return manifest
 
 
-def _check_graph_library(manifest: Manifest, say: Callable[[str], None]) -> None:
+def check_graph_library(manifest: Manifest, say: Callable[[str], None]) -> None:
     """An official-graph model needs scikit-learn (the authors' neighbour sets); say when its version differs
     from the one the model was exported with (its KD-tree tie order is what the model was trained on)."""
     if manifest.model.graph_direction != "official":
@@ -515,7 +515,7 @@ class InferenceRun:
                 return
             try:
                 tc = time.perf_counter()
-                results = _run_pack(self.be, pack, self.slide_timeout)
+                results = run_pack(self.be, pack, self.slide_timeout)
                 self.timings["compute_s"] += time.perf_counter() - tc
                 pack.release()
                 self.record_results(results)
@@ -632,7 +632,7 @@ def _call(be: Backend, pack: Pack, budget: float | None) -> dict[str, np.ndarray
         watchdog.cancel()
 
 
-def _run_pack(be: Backend, pack: Pack, budget: float | None = None) -> list[SlideOutcome]:
+def run_pack(be: Backend, pack: Pack, budget: float | None = None) -> list[SlideOutcome]:
     """Run one pack; per slide, its outputs or its failure. A pack of several slides that fails in the backend
     is retried slide by slide, so that one slide's failure does not take its neighbours down; so are the slides
     whose outputs are not finite (an overflowing slide isolates itself in the graph's per-slide masking, but an
@@ -647,12 +647,12 @@ def _run_pack(be: Backend, pack: Pack, budget: float | None = None) -> list[Slid
         if pack.n_slides == 1:
             return [(pack.entries[0], _failure(pack.entries[0], "timeout",
                                                f"slide took more than {budget:g} s (model)"))]
-        return [r for single in pack.singles() for r in _run_pack(be, single, budget)]
+        return [r for single in pack.singles() for r in run_pack(be, single, budget)]
     except Exception as e:  # noqa: BLE001 - backend errors are the slide's, not the run's
         if pack.n_slides == 1:
             return [(pack.entries[0], _failure(pack.entries[0], "inference",
                                                f"inference failed ({type(e).__name__}: {one_line(str(e), 300)})"))]
-        return [r for single in pack.singles() for r in _run_pack(be, single, budget)]
+        return [r for single in pack.singles() for r in run_pack(be, single, budget)]
     _check_outputs(outputs, pack)
     per_slide = split_outputs(pack, outputs)
     if pack.n_slides == 1 and not _finite(per_slide[0]):
@@ -660,7 +660,7 @@ def _run_pack(be: Backend, pack: Pack, budget: float | None = None) -> list[Slid
     singles = pack.singles() if not all(map(_finite, per_slide)) else []
     results: list[SlideOutcome] = []
     for b, (entry, out) in enumerate(zip(pack.entries, per_slide)):
-        results.extend([(entry, out)] if _finite(out) else _run_pack(be, singles[b], budget))
+        results.extend([(entry, out)] if _finite(out) else run_pack(be, singles[b], budget))
     return results
 
 

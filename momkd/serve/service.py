@@ -19,7 +19,7 @@ from momkd.data.slide import nonfinite_rows
 from momkd.manifest import Manifest, load_manifest
 from momkd.runtime.backends import Backend, select_backend
 from momkd.runtime.packing import Packer
-from momkd.runtime.pipeline import DEFAULT_BATCH_PATCHES, _check_graph_library, _run_pack
+from momkd.runtime.pipeline import DEFAULT_BATCH_PATCHES, check_graph_library, run_pack
 from momkd.runtime.reader import SlideFailure
 
 
@@ -64,7 +64,7 @@ class SlideService:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         say = log or (lambda _m: None)
         self.manifest: Manifest = load_manifest(model_dir, verify_checksums=True, pinned_sha256=pinned_sha256)
-        _check_graph_library(self.manifest, say)
+        check_graph_library(self.manifest, say)
         self.backend: Backend = select_backend(backend, device, self.manifest, log=say, threads=threads)
         self.max_rows = min(max_rows, self.backend.max_rows) if self.backend.max_rows else max_rows
 
@@ -92,7 +92,7 @@ class SlideService:
             packs.append(last)
         out: dict[int, SlideResult | str] = {}
         for pack in packs:
-            for entry, result in _run_pack(self.backend, pack):
+            for entry, result in run_pack(self.backend, pack):
                 if isinstance(result, SlideFailure):
                     out[entry.index] = result.message
                     continue
