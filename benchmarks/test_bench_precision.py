@@ -30,7 +30,7 @@ import pytest
 
 from momkd.manifest import load_manifest
 from momkd.runtime.backends import OnnxRuntimeBackend, choose_precision, reduced_backend
-from momkd.runtime.bench import synthetic_pack
+from momkd.runtime.bench import fastest_s, matmul_model, synthetic_pack
 from momkd.runtime.cpu import cpu_info
 
 onnx = pytest.importorskip("onnx")
@@ -43,15 +43,9 @@ N = int(ENV("MOMKD_BENCH_N", "20000"))
 LATENCY_TARGET, FOLDER_TARGET = 0.5, 0.9
 
 
-def fastest(fn: Callable[[], Any], rounds: int = ROUNDS) -> float:
-    """Seconds of the fastest of ``rounds`` calls after one warm-up (what the host can do, not its neighbours)."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def fastest(fn: Callable[[], Any]) -> float:
+    """Seconds of the fastest of ``MOMKD_BENCH_ROUNDS`` calls after one warm-up."""
+    return fastest_s(fn, ROUNDS)
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +63,12 @@ def int8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_largest_product_int8_and_bf16(benchmark, tmp_path: Path) -> None:
-    from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((20000, 1536), dtype=np.float32)
     b = (rng.standard_normal((1536, 768), dtype=np.float32) / np.sqrt(1536)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"], name="mm")], "matmul",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 1536])],
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 768])],
-                              [numpy_helper.from_array(b, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
+    model = matmul_model(b)
     onnx.save(model, str(tmp_path / "fp32.onnx"))
     quantize_dynamic(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", weight_type=QuantType.QInt8, per_channel=True)
     sessions = {}

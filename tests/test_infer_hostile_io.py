@@ -29,6 +29,7 @@ from momkd.runtime.outdir import LOCK_FILE, OutputLock
 from momkd.runtime.reader import ReaderConfig, SlideReader, processes_supported
 from momkd.runtime.results import COLUMNS, LEGACY_COLUMNS, ResultRow, ResultsWriter, read_predictions
 from momkd.testing.toy import build_toy_model_dir, write_slide_folder
+from momkd.testing.process import reaped
 
 DIM = 8
 runner = CliRunner()
@@ -94,15 +95,11 @@ def test_a_lock_left_by_a_killed_run_does_not_block(toy_model_dir: Path, good: P
     code = ("import sys, time; from pathlib import Path; from momkd.runtime.outdir import OutputLock; "
             "OutputLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
+    with reaped(proc):
         assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         assert infer(toy_model_dir, good, out, "-q").exit_code == 2       # alive: refused
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert (out / LOCK_FILE).read_text().startswith(f"pid {proc.pid}, started ")   # left behind by the kill
     result = infer(toy_model_dir, good, out, "-q")
     assert result.exit_code == 0, result.output
@@ -393,7 +390,7 @@ def test_sigterm_exits_143_with_rows_kept_and_resume_completes(toy_model_dir: Pa
                              "--out", str(out), "--batch-patches", "1", "--workers", "1", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "MOMKD_DEBUG": ""})
-    try:
+    with reaped(proc):
         deadline = time.monotonic() + 120
         while not marker.exists():
             assert proc.poll() is None, proc.communicate()
@@ -402,10 +399,6 @@ def test_sigterm_exits_143_with_rows_kept_and_resume_completes(toy_model_dir: Pa
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (f"terminated: finished rows are in {out}/predictions.csv; rerun with "

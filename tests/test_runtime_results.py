@@ -14,6 +14,7 @@ from momkd.runtime.backends import OnnxRuntimeBackend
 from momkd.runtime.pipeline import run_inference
 from momkd.runtime.results import COLUMNS, ResultRow, ResultsError, ResultsWriter, format_probability, read_predictions
 from momkd.testing.toy import build_toy_model_dir, write_slide_folder
+from momkd.testing.process import reaped
 
 DIM = 8
 
@@ -284,7 +285,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(model_dir: Pa
     out, marker = tmp_path / "out", tmp_path / "hung"
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(model_dir), str(folder), str(out), str(marker),
                              "5"])
-    try:
+    with reaped(proc):
         deadline = time.monotonic() + 240
         while not marker.exists():
             assert proc.poll() is None, "the run ended before it could be killed"
@@ -292,10 +293,6 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(model_dir: Pa
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     left = read_predictions(out / "predictions.csv")
     ok = [r.slide_id for r in left if r.status == "ok"]
     assert ok == [f"slide_{i:03d}" for i in range(4)]           # the 4 packs done before the kill, durable

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -325,17 +326,25 @@ def model_stats(server: TritonServer) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- faults
 
+def kill_after(server: TritonServer, slides: int) -> tuple[threading.Event, Callable[[int, int, int, int], None]]:
+    """A ``run_inference`` progress callback that kills ``server`` (as a crash would) once ``slides`` are done,
+    and the event it sets when it has."""
+    killed = threading.Event()
+
+    def progress(done: int, total: int, ok: int, failed: int) -> None:
+        if done >= slides and not killed.is_set():
+            killed.set()
+            server.kill()
+
+    return killed, progress
+
+
 
 def test_a_server_killed_mid_run_loses_no_slide(servers: list[TritonServer], model: Manifest, folder: Path,
                                                 local_rows: dict[str, ResultRow], tmp_path: Path) -> None:
     a, b = ensure_running(servers, 0, model), ensure_running(servers, 1, model)
     notes: list[str] = []
-    killed = threading.Event()
-
-    def progress(done: int, total: int, ok: int, failed: int) -> None:
-        if done >= 4 and not killed.is_set():
-            killed.set()
-            b.kill()
+    killed, progress = kill_after(b, 4)
 
     out = tmp_path / "out"
     summary = run_inference(model.root, folder, out, batch_patches=400, progress=progress, log=notes.append,
@@ -352,12 +361,7 @@ def test_a_restarted_server_finishes_the_run_under_resume(servers: list[TritonSe
                                                           folder: Path, local_rows: dict[str, ResultRow],
                                                           tmp_path: Path) -> None:
     s = ensure_running(servers, 1, model)
-    killed = threading.Event()
-
-    def progress(done: int, total: int, ok: int, failed: int) -> None:
-        if done >= 6 and not killed.is_set():
-            killed.set()
-            s.kill()
+    killed, progress = kill_after(s, 6)
 
     out = tmp_path / "out"
     t0 = time.monotonic()

@@ -20,6 +20,7 @@ Every problem with one slide becomes a ``SlideFailure`` (the run goes on); nothi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import multiprocessing
@@ -406,10 +407,8 @@ class SlideReader:
         if self.slide_timeout is None:
             return None
         if self._pool_up_at is None:
-            try:
+            with contextlib.suppress(BrokenExecutor):   # the pool cannot start: the file's own future says so
                 self._pool_up.result()
-            except BrokenExecutor:
-                pass   # the pool cannot start: the file's own future says so at once
         since = max(self._head_since, self._pool_up_at or time.monotonic())
         return max(0.0, self.slide_timeout - (time.monotonic() - since))
 

@@ -24,6 +24,7 @@ slide's error. When no server answers for ``retry_window_s`` the run stops with 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -133,10 +134,8 @@ class _Server:
         c = getattr(self.local, "client", None)
         self.local.client = None
         if c is not None:
-            try:
+            with contextlib.suppress(Exception):   # closing a broken connection may raise anything
                 c.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
 
 
 class RemoteBackend:

@@ -11,6 +11,7 @@ The stub ignores ``PYTHONPATH``: the served ``model.py`` sets its import path it
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -233,10 +234,8 @@ class TritonServer:
         """``sig`` to the server's process group while the server runs (``group_only``: also after it exited,
         for Python-backend stubs left in the group)."""
         if self.process is not None and (group_only or self.process.poll() is None):
-            try:
+            with contextlib.suppress(ProcessLookupError):   # the group has already gone
                 os.killpg(self.process.pid, sig)   # the server and its Python-backend stubs
-            except ProcessLookupError:
-                pass
 
     def kill(self) -> None:
         """End the server at once (SIGKILL to its process group), as a crash would; the work folder is kept."""
