@@ -19,7 +19,9 @@ import pytest
 from h5py import h5d, h5o, h5p, h5s, h5t, h5z
 
 from momkd.data.slide import (
+    _btree_chunks,
     _chunk_table,
+    _dataset_chunks,
     _filter_plugins_loaded,
     _header_layout,
     _read_row_chunks,
@@ -552,6 +554,81 @@ class TestFastPath:
         slide = read_slide(path)
         np.testing.assert_array_equal(slide.features, f)
         np.testing.assert_array_equal(slide.coords, c)
+
+    @pytest.mark.parametrize("layout", ["one_row", "gzip", "rank1", "rank3", "partly_written", "shrunk",
+                                        "appended", "random_order", "float16"])
+    def test_btree_chunk_table_equals_hdf5s(self, tmp_path: Path, layout: str) -> None:
+        """The chunk table read from the file's version 1 B-tree is HDF5's own, entry for entry."""
+        rng = np.random.default_rng(1)
+        path = tmp_path / f"{layout}.h5"
+        with h5py.File(path, "w") as h5:
+            if layout == "one_row":
+                h5.create_dataset("x", data=rng.standard_normal((3000, 8), dtype=np.float32), chunks=(1, 8),
+                                  maxshape=(None, 8))
+            elif layout == "gzip":
+                h5.create_dataset("x", data=rng.standard_normal((70, 6)), chunks=(7, 3), compression="gzip")
+            elif layout == "rank1":
+                h5.create_dataset("x", data=np.arange(1000), chunks=(3,))
+            elif layout == "rank3":
+                h5.create_dataset("x", data=np.ones((9, 8, 7)), chunks=(2, 3, 4))
+            elif layout == "partly_written":
+                d = h5.create_dataset("x", shape=(500, 4), dtype="f4", chunks=(1, 4), maxshape=(None, 4))
+                d[:200], d[300:350] = 1, 2
+            elif layout == "shrunk":
+                d = h5.create_dataset("x", data=np.ones((2000, 4)), chunks=(1, 4), maxshape=(None, 4))
+                d.resize((1200, 4))
+            elif layout == "appended":
+                d = h5.create_dataset("x", shape=(0, 4), dtype="f4", chunks=(1, 4), maxshape=(None, 4))
+                for i in range(0, 1500, 37):
+                    d.resize((i + 37, 4))
+                    d[i:i + 37] = i
+            elif layout == "random_order":
+                d = h5.create_dataset("x", shape=(800, 4), dtype="f4", chunks=(1, 4))
+                for i in rng.permutation(800):
+                    d[i] = i
+            else:
+                h5.create_dataset("x", data=np.ones((300, 4), "f2"), chunks=(1, 4))
+        with h5py.File(path, "r") as h5:
+            fast, hdf5 = _btree_chunks(h5["x"]), _chunk_table(h5["x"].id)
+        assert fast is not None
+        for field in ("offsets", "addresses", "sizes", "filter_masks"):
+            np.testing.assert_array_equal(getattr(fast, field), getattr(hdf5, field))
+            assert getattr(fast, field).dtype == np.int64
+
+    def test_newer_chunk_indexes_are_left_to_hdf5(self, tmp_path: Path) -> None:
+        path = tmp_path / "latest.h5"
+        with h5py.File(path, "w", libver="latest") as h5:
+            h5.create_dataset("x", data=np.ones((300, 4)), chunks=(1, 4), maxshape=(None, 4))
+        with h5py.File(path, "r") as h5:
+            assert _btree_chunks(h5["x"]) is None
+            assert len(_dataset_chunks(h5["x"]).addresses) == 300
+
+    def test_a_btree_read_that_hdf5_disagrees_with_is_not_used(self, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+        import momkd.data.slide as slide_module
+
+        path = write_slide_h5(tmp_path / "s.h5", *sample(200, 16))
+        with h5py.File(path, "r") as h5:
+            good = _btree_chunks(h5["features"])
+            assert good is not None
+            shifted = type(good)(good.offsets, good.addresses + 16, good.sizes, good.filter_masks)
+            monkeypatch.setattr(slide_module, "_btree_chunks", lambda ds: shifted)
+            np.testing.assert_array_equal(_dataset_chunks(h5["features"]).addresses, good.addresses)
+
+    def test_a_chunk_recorded_with_another_size_is_refused(self, tmp_path: Path) -> None:
+        """An unfiltered chunk is stored whole; a chunk index entry with another size is corrupt (HDF5 would
+        read bytes that are not the row), never read as data."""
+        f, c = sample(50, 16)
+        path = write_slide_h5(tmp_path / "s.h5", f, c)
+        with h5py.File(path, "r") as h5:
+            info = h5["features"].id.get_chunk_info_by_coord((7, 0))
+        # the B-tree key of row 7: chunk bytes (u4), filter mask (u4), offsets (u8 x 3), then the child address
+        key = struct.pack("<IIQQQQ", 16 * 4, 0, 7, 0, 0, info.byte_offset)
+        data = path.read_bytes()
+        assert data.count(key) == 1
+        path.write_bytes(data.replace(key, struct.pack("<IIQQQQ", 16 * 4 - 4, 0, 7, 0, 0, info.byte_offset)))
+        e = refused(path, "unreadable", "features: the chunk of row 7 is recorded as 60 bytes, not 64", header=False)
+        assert "corrupt file" in e.message
 
     def test_chunk_table_without_chunk_iter(self, tmp_path: Path) -> None:
         """With an HDF5 older than 1.12.3 (no ``chunk_iter``) the table comes from ``get_chunk_info``."""
