@@ -220,6 +220,20 @@ def test_encoder_dense_equals_pyg_on_same_weights() -> None:
             assert torch.allclose(x, y, atol=1e-9, rtol=0)
 
 
+def test_encoder_max_gradient_splits_ties_like_torch_maximum() -> None:
+    """The encoder's cheap max backward gives the stock op's gradient everywhere, exact ties (1/2 each) included."""
+    from momkd.models.encoder import elementwise_max
+
+    a = torch.tensor([1.0, 2.0, 3.0, -0.5], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([1.0, 5.0, 1.0, -0.5], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([0.3, -1.0, 2.0, 4.0], dtype=torch.float64)
+    ours = torch.autograd.grad(elementwise_max(a, b), (a, b), g)
+    stock = torch.autograd.grad(torch.maximum(a, b), (a, b), g)
+    for x, y in zip(ours, stock):
+        assert torch.equal(x, y)
+    assert ours[0].tolist() == [0.15, 0.0, 2.0, 2.0]
+
+
 def test_model_state_dict_moves_between_gat_impls() -> None:
     m, _ = tiny()
     torch.manual_seed(1)

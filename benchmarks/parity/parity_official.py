@@ -4,12 +4,13 @@ Nothing of theirs is copied here: their checkout is put on ``sys.path`` at run t
 with ``--official-src`` or ``MOMKD_OFFICIAL_SRC``) and their modules are imported as they are. This module only
 knows how to import them, build their model with the dimensions of their ``run.sh``, and drive their own
 functions (``kneighbors_graph`` via ``graph.process_single_h5``, ``mkd_train_loop``, ``bootstrap_codebooks``,
-``EarlyStopping``) with inputs we construct.
+``EarlyStopping``) with inputs we construct, and run their training step in float64 (:func:`train_step_float64`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.machinery
 import io
@@ -243,6 +244,37 @@ def train_step(off: Official, model: Any, features: Any, edges: Any, rna: Any, l
         raise OfficialSourceError(f"their train loop ran {len(outs)} forward / {len(totals)} backward calls, "
                                   "expected one of each")
     return {"terms": terms, "total": totals[0], "out": outs[0], "grads": opt.grads}
+
+
+@contextlib.contextmanager
+def float64_kept():
+    """Within the block ``Tensor.float()`` returns a float64 tensor as it is (every other dtype is cast as usual).
+
+    Their VQ codebook's forward starts with ``x = x.float()`` (``vector_quantize_pytorch.py``), the only cast to
+    float32 on their training path; with it neutralised their model runs in float64 after ``.double()``. What
+    stays float32 is their VQ loss accumulator (``torch.tensor([0.])``): ``mem_loss`` is a float32 value, and the
+    gradient that flows back through it (``alpha_mem = 0.1``, rounded to float32) carries one float32 rounding.
+    """
+    import torch
+
+    cast = torch.Tensor.float
+
+    def keep_float64(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self if self.dtype == torch.float64 else cast(self, *args, **kwargs)
+
+    torch.Tensor.float = keep_float64  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.float = cast  # type: ignore[method-assign]
+
+
+def train_step_float64(off: Official, model: Any, features: Any, edges: Any, rna: Any,
+                       label: int) -> dict[str, Any]:
+    """:func:`train_step` on a float64 copy of ``model`` (``model`` itself is left as it is), with float64
+    inputs, under :func:`float64_kept`: the gradient of their computation without float32 rounding."""
+    with float64_kept():
+        return train_step(off, copy.deepcopy(model).double(), features.double(), edges, rna.double(), label)
 
 
 def bootstrap(off: Official, model: Any, slides: list[tuple[Any, Any, int]], seed: int,
