@@ -114,7 +114,7 @@ def test_hand_written_backward_equals_autograd(heads: int) -> None:
     for drop in (None, dropout_mask((n, w + 1, heads), 0.5, torch.float64, torch.device("cpu"))):
         fused = _DenseGATv2Attention.apply(xl, xr, att, plan.index, plan.mask, 0.2, drop)
         plain = _attend(xl, xr, att, plan.index, plan.mask, 0.2, drop)[0]
-        assert torch.equal(fused, plain)
+        assert torch.allclose(fused, plain, atol=1e-12, rtol=0)   # the exported score product sums in another order
         g = torch.randn_like(fused)
         for a, b in zip(torch.autograd.grad(fused, (xl, xr, att), g), torch.autograd.grad(plain, (xl, xr, att), g)):
             assert torch.allclose(a, b, atol=1e-12, rtol=0)

@@ -181,6 +181,98 @@ def test_int8_graph_is_quantised_and_close(tmp_path: Path) -> None:
         quantize_int8(tmp_path / "m" / "model.onnx", tmp_path / "x.onnx", nodes=["not_a_node"])
 
 
+def edge_graph(path: Path, dim: int = DIM, channels: int = HIDDEN) -> None:
+    """A small graph with the momkd inputs and one per-edge block as the GATv2 attention has it: x_l gathered
+    by the neighbour table, + x_r[i], relu, summed over the slots; a sigmoid score as its output."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weights = {"wl": rng.standard_normal((dim, channels)), "wr": rng.standard_normal((dim, channels)),
+               "wo": rng.standard_normal((channels, 1)) / channels}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    inits += [numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+              numpy_helper.from_array(np.array([channels], np.int64), "c"),
+              numpy_helper.from_array(np.array([1], np.int64), "one"),
+              numpy_helper.from_array(np.array([0], np.int64), "zero")]
+    nodes = [helper.make_node("MatMul", ["features", "wl"], ["xl"], name="lin_l"),
+             helper.make_node("MatMul", ["features", "wr"], ["xr"], name="lin_r"),
+             helper.make_node("Reshape", ["neighbors", "flat"], ["index"], name="flatten_index"),
+             helper.make_node("Gather", ["xl", "index"], ["xj"], name="gather"),
+             helper.make_node("Shape", ["neighbors"], ["nw"], name="shape"),
+             helper.make_node("Concat", ["nw", "c"], ["nwc"], name="concat", axis=0),
+             helper.make_node("Reshape", ["xj", "nwc"], ["xj3"], name="view"),
+             helper.make_node("Unsqueeze", ["xr", "one"], ["xr3"], name="unsqueeze"),
+             helper.make_node("Add", ["xj3", "xr3"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["r"], name="relu"),
+             helper.make_node("ReduceSum", ["r", "one"], ["pooled_rows"], name="sum_slots", keepdims=0),
+             helper.make_node("MatMul", ["pooled_rows", "wo"], ["score"], name="score"),
+             helper.make_node("ReduceMean", ["score", "zero"], ["mean"], name="mean", keepdims=0),
+             helper.make_node("Sigmoid", ["mean"], ["probability"], name="sigmoid")]
+    graph = helper.make_graph(nodes, "edges", [
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", dim]),
+        helper.make_tensor_value_info("neighbors", TensorProto.INT64, ["N", "W"]),
+        helper.make_tensor_value_info("slide_offsets", TensorProto.INT64, ["B_plus_1"])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, [1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def edge_slides(n_slides: int, dim: int = DIM) -> list[SimpleNamespace]:
+    from momkd.graph import neighbor_table
+
+    rng = np.random.default_rng(5)
+    slides = []
+    for i in range(n_slides):
+        n = 40 + 9 * i
+        slides.append(SimpleNamespace(features=rng.standard_normal((n, dim)).astype(np.float32), n=n,
+                                      neighbors=neighbor_table(grid_coords(n, i), k=K, direction="paper")))
+    return slides
+
+
+def test_per_edge_nodes_are_found_by_shape(tmp_path: Path) -> None:
+    import onnx
+
+    from momkd.export.quantize import per_edge_nodes
+
+    edge_graph(tmp_path / "edges.onnx")
+    # the float tensors with a row per neighbour slot: gathered x_l, its (N, W, C) view, + x_r, relu; not the
+    # int64 index, not the per-row projections or the pooled rows
+    assert per_edge_nodes(onnx.load(str(tmp_path / "edges.onnx"))) == ["gather", "view", "add", "relu"]
+    build_toy_model_dir(tmp_path / "toy", feature_dim=DIM, hidden=HIDDEN)
+    toy = onnx.load(str(tmp_path / "toy" / "model.onnx"))
+    for i, node in enumerate(toy.graph.node):
+        node.name = f"{node.op_type}_{i}"
+    found = per_edge_nodes(toy)   # the toy's neighbour mean: one (N, W, hidden) Gather; its (N, W) score gather
+    assert len(found) == 1 and found[0].startswith("Gather")   # is too narrow to count
+    build_toy_model_dir(tmp_path / "linear", feature_dim=DIM)
+    assert per_edge_nodes(onnx.load(str(tmp_path / "linear" / "model.onnx"))) == []   # no neighbour features
+
+
+def test_per_edge_work_is_quantised_statically_with_calibration(tmp_path: Path) -> None:
+    import onnx
+
+    edge_graph(tmp_path / "edges.onnx")
+    calibration = edge_slides(4)
+    info = quantize_int8(tmp_path / "edges.onnx", tmp_path / "int8.onnx", calibration=calibration,
+                         calibration_source="4 test slides")
+    assert info["per_edge_static"]["nodes"] == 4 and info["calibration"] == "4 test slides"
+    assert info["per_edge_static"]["calibration_slides"] == 4
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
+    assert ops.count("QuantizeLinear") >= 2 and "DynamicQuantizeLinear" in ops
+    without = quantize_int8(tmp_path / "edges.onnx", tmp_path / "dynamic.onnx")   # no calibration: dynamic only
+    assert without["per_edge_static"] is None and without["calibration"] is None
+    assert "QuantizeLinear" not in {n.op_type for n in onnx.load(str(tmp_path / "dynamic.onnx")).graph.node}
+    fp32, int8 = (ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+                  for name in ("edges.onnx", "int8.onnx"))
+    for slide in edge_slides(3):   # other slides than the calibration ones (same sizes, other values)
+        feeds = {"features": slide.features + 0.1, "neighbors": slide.neighbors,
+                 "slide_offsets": np.array([0, slide.n], np.int64)}
+        (p32,), (p8,) = fp32.run(None, feeds), int8.run(None, feeds)
+        assert 0 < abs(float(p8[0]) - float(p32[0])) < 0.05
+
+
 def test_export_precisions_are_checked() -> None:
     assert check_precisions(["fp32", "int8", "int8"]) == ["int8"]
     with pytest.raises(QuantizationError, match="bf16"):
@@ -356,7 +448,10 @@ def test_export_int8_end_to_end(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "m"), "--precision", "int8",
                                       "--gate-max-dp", "1", "--gate-max-flips", "100", "--gate-max-dauc", "1"])
     assert result.exit_code == 0, result.output
-    assert load_manifest(tmp_path / "m").reduced["int8"].passed
+    manifest = load_manifest(tmp_path / "m")
+    assert manifest.reduced["int8"].passed
+    static = manifest.raw["reduced_precision"]["int8"]["method"]["per_edge_static"]
+    assert static["nodes"] > 0 and {"Gather", "Add", "Relu", "MatMul"} <= set(static["ops"])
     result = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "t"), "--precision", "int8",
                                       "--gate-max-dp", "0"])
     assert result.exit_code == 2 and "gates failed" in result.output

@@ -63,9 +63,10 @@ def _features_dir(run_dir: Path, data: dict[str, Any]) -> Path | None:
     return features if features.is_dir() else None
 
 
-def fold_slides(run_dir: Path, config: dict[str, Any], folds: Sequence[int]) -> tuple[list[GateSlide], list[str]]:
-    """Every exported fold's validation and test slides that exist on disk, with their labels; (slides, notes).
-    Empty when the cohort, its splits or its features are gone."""
+def fold_slides(run_dir: Path, config: dict[str, Any], folds: Sequence[int],
+                splits: Sequence[str] = ("val", "test")) -> tuple[list[GateSlide], list[str]]:
+    """Every exported fold's slides of the named ``splits`` (``"train"``, ``"val"``, ``"test"``) that exist on
+    disk, with their labels; (slides, notes). Empty when the cohort, its splits or its features are gone."""
     from momkd.data.cohort import load_cohort, load_splits, slide_stem
     from momkd.train.runfolder import SPLITS
 
@@ -78,16 +79,17 @@ def fold_slides(run_dir: Path, config: dict[str, Any], folds: Sequence[int]) -> 
         return [], notes
     try:
         cohort = load_cohort(cohort_csv, str(data.get("label_col")), str(data.get("positive")))
-        splits = {s.fold: s for s in load_splits(run_dir / SPLITS)}
+        by_fold = {s.fold: s for s in load_splits(run_dir / SPLITS)}
     except (OSError, MomkdError) as e:
         notes.append(f"cannot read the cohort or splits ({e})")
         return [], notes
     by_id: dict[str, GateSlide] = {}
     for fold in folds:
-        if fold not in splits:
+        if fold not in by_fold:
             notes.append(f"{run_dir / SPLITS} has no fold {fold}")
             continue
-        for split_name, cases in (("val", splits[fold].val), ("test", splits[fold].test)):
+        for split_name in splits:
+            cases = getattr(by_fold[fold], split_name)
             for case in sorted(cases):
                 for slide_id in cohort.slides.get(case, []):
                     stem = slide_stem(slide_id)

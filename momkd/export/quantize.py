@@ -1,25 +1,33 @@
 """Reduced-precision twins of the exported fp32 graph for CPU inference, made with ONNX Runtime's own
 quantisation tools (``onnxruntime.quantization``; no hand-written quantiser).
 
-int8 (``model.int8.onnx``): dynamic quantisation (``quantize_dynamic``): weights int8 per output channel, stored;
-activations quantised per call from their own range (``DynamicQuantizeLinear``), so no calibration data is
-needed. ORT fuses each quantised product into ``DynamicQuantizeMatMul`` (MLAS int8 GEMM: VNNI / AMX where the CPU
-has them; see ``momkd.runtime.cpu``). Which products are quantised was decided by measurement (paper preset,
-D_in 1536, N = 20000, ORT CPU, 2 threads, one run; fp32 1354 ms on a loaded host):
+int8 (``model.int8.onnx``) is made in two steps:
+
+1. **Products with a constant weight: dynamic quantisation** (``quantize_dynamic``): weights int8 per output
+   channel, stored; activations quantised per call from their own range, so no calibration is needed. ORT fuses
+   each into ``DynamicQuantizeMatMul`` (MLAS int8 GEMM: VNNI / AMX where the CPU has them; ``momkd.runtime.cpu``).
+   Chosen: the products whose constant weight has at least ``MIN_WEIGHT_FRACTION`` of the largest weight's
+   elements (paper preset: the encoder and second GATv2 projections, 1179648 and 131072 elements, not the memory
+   head's 32768 or the classifier).
+2. **The per-edge GATv2 attention: static QDQ quantisation** (``quantize_static``, uint8 activations, one
+   MinMax range per tensor calibrated on the run's own training slides): the gathered neighbour rows
+   ``x_l[j]``, ``x_l[j] + x_r[i]`` and its relu, the score product and the aggregation. These are the graph's
+   only tensors with a row per neighbour slot (N x (W+1) x H*C); in fp32 they are memory-bound passes (about a
+   third of the fp32 call at N = 20000), in uint8 they move a quarter of the bytes. ORT fuses the QDQ pairs into
+   ``Gather`` on uint8, ``QLinearAdd`` and ``QLinearMatMul``. They are found by running the graph on two probes
+   whose neighbour widths differ (:func:`per_edge_nodes`), not by node names.
+
+Kept fp32 (by measurement, paper preset, D_in 1536, N = 20000, ORT CPU, 2 threads): the memory head and the
+classifier (quantising them saved nothing measurable and cost 3x in |dp|), LayerNorm, ELU, the softmax over the
+neighbour slots and the attention pooling. Step by step on one host (``benchmarks/RESULTS.md``):
 
 =====================================================  ==========  ============
-quantised products (per-channel int8 weights)           time/fp32   max |dp|
+quantised (cumulative)                                  time/fp32   max |dp|
 =====================================================  ==========  ============
 encoder projection (N x 1536) @ (1536 x 768)            0.68        4.9e-05
 + second GATv2 projection (N x 256) @ (256 x 512)       0.61        2.3e-04
-+ memory-head projection and classifier (every Gemm)    0.64        6.5e-04
++ per-edge attention, static uint8 (calibrated)         see RESULTS  3.3e-04
 =====================================================  ==========  ============
-
-so the default quantises the products whose constant weight has at least ``MIN_WEIGHT_FRACTION`` of the largest
-weight's elements (paper preset: the two projections, 1179648 and 131072 elements, not the head's 32768) and
-keeps the memory head, the classifier and every per-edge GATv2 product (attention scores and aggregation on the
-gathered neighbours: activation x activation, no constant weight) in fp32. The per-edge work is about a third of
-the fp32 call (``benchmarks/RESULTS.md``), which bounds what int8 products can save.
 
 The exporter writes the linear layers as ``Gemm`` (transB=1); ORT's dynamic quantiser only handles ``MatMul``, so
 each chosen ``Gemm`` is first rewritten as ``MatMul`` + ``Add`` (the same product; exact in fp32).
@@ -31,20 +39,27 @@ not have (``momkd bench --backends torch --precision bf16`` measures it where to
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from momkd.errors import MomkdError
+from momkd.errors import MomkdError, SlideError
 
 INT8_NAME = "model.int8.onnx"
 REDUCED_NAMES = {"int8": INT8_NAME}
 EXPORT_PRECISIONS = ("fp32", "int8")
 MIN_WEIGHT_FRACTION = 1 / 16   # of the largest constant weight: the encoder and second GATv2 projections
+PROBES = ((997, 12), (997, 16))   # (rows, neighbour width W): only per-edge dimensions scale with W
+EDGE_OPS = ("Gather", "Add", "Relu", "MatMul", "Reshape")   # the per-edge ops that QDQ keeps in uint8
+MIN_EDGE_CHANNELS = 16         # per-edge tensors narrower than this (the (.., H) scores) stay fp32
+MAX_CALIBRATION_SLIDES = 16
 
 
 class QuantizationError(MomkdError):
@@ -109,13 +124,106 @@ def gemms_as_matmuls(model: Any, names: set[str]) -> dict[str, str]:
     return matmul_of
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, nodes: list[str] | None = None,
-                  per_channel: bool = True) -> dict[str, Any]:
-    """Write the dynamically quantised int8 twin of ``fp32_path`` to ``out_path``; ``nodes``: the products to
-    quantise (default ``large_products``). Returns the manifest's description of the method."""
+def _probe_shapes(model: Any, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """{tensor name: (shape, is float)} of every node output when ``model`` runs on ``rows`` random rows with a
+    ``width``-wide random neighbour table (one slide)."""
     import onnx
     import onnxruntime
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in have:
+                probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+                have.add(name)
+    so = onnxruntime.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL   # every tensor as written
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    dim = int(model.graph.input[0].type.tensor_type.shape.dim[1].dim_value)
+    rng = np.random.default_rng(0)
+    feeds = {"features": rng.standard_normal((rows, dim)).astype(np.float32),
+             "neighbors": rng.integers(0, rows, (rows, width)).astype(np.int64),
+             "slide_offsets": np.array([0, rows], np.int64)}
+    values = session.run(None, feeds)
+    return {o.name: (tuple(np.shape(v)), np.asarray(v).dtype.kind == "f")
+            for o, v in zip(session.get_outputs(), values)}
+
+
+def per_edge_nodes(model: Any) -> list[str]:
+    """Names of the ``EDGE_OPS`` nodes that read or write a per-edge tensor: a float tensor with a row per
+    neighbour slot (a leading dimension that is W x m or (W + 1) x m, self included, for the same m in two probes
+    of different W) and at
+    least ``MIN_EDGE_CHANNELS`` channels. In the GATv2 attention: the gathered ``x_l[j]``, ``x_l[j] + x_r[i]``,
+    its relu, the score product and the aggregation. Empty for a graph without neighbour attention."""
+    (rows_a, width_a), (rows_b, width_b) = PROBES
+    first, second = _probe_shapes(model, rows_a, width_a), _probe_shapes(model, rows_b, width_b)
+
+    def per_edge(name: str) -> bool:
+        if name not in first or name not in second:
+            return False
+        (shape_a, is_float), (shape_b, _) = first[name], second[name]
+        if not is_float or len(shape_a) < 2 or len(shape_a) != len(shape_b) or shape_a[-1] < MIN_EDGE_CHANNELS:
+            return False
+        return any(a % (width_a + c) == 0 and b % (width_b + c) == 0 and a // (width_a + c) == b // (width_b + c)
+                   for a, b in zip(shape_a[:-1], shape_b[:-1]) for c in (0, 1))   # W slots, or W + self
+
+    return [node.name for node in model.graph.node
+            if node.op_type in EDGE_OPS and any(per_edge(t) for t in [*node.input, *node.output])]
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """The quantiser logs advice on the root logger ("consider pre-processing") and computes a range for every
+    tensor of the calibrated op types, the additive -inf padding masks included (numpy warns; those ranges are
+    never used: the masks are not quantised). Keep the export's output to its own lines."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        root.setLevel(level)
+
+
+class _Calibration:
+    """``onnxruntime.quantization.CalibrationDataReader`` over slides: one slide per call."""
+
+    def __init__(self, slides: Sequence[Any]) -> None:
+        self._slides = iter(slides)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        slide = next(self._slides, None)
+        if slide is None:
+            return None
+        return {"features": slide.features, "neighbors": slide.neighbors,
+                "slide_offsets": np.array([0, slide.n], np.int64)}
+
+    def __iter__(self) -> Any:   # the reader protocol of onnxruntime.quantization
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        feeds = self.get_next()
+        if feeds is None:
+            raise StopIteration
+        return feeds
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, nodes: list[str] | None = None,
+                  per_channel: bool = True, calibration: Sequence[Any] = (), calibration_source: str | None = None
+                  ) -> dict[str, Any]:
+    """Write the int8 twin of ``fp32_path`` to ``out_path``: the products ``nodes`` (default ``large_products``)
+    quantised dynamically, then, with ``calibration`` slides (``GraphSlide``-like: features (N, D), neighbors
+    (N, W), n), the per-edge attention (:func:`per_edge_nodes`) quantised statically with ranges from those
+    slides. Returns the manifest's description of the method."""
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     model = onnx.load(str(fp32_path))
     for i, node in enumerate(model.graph.node):   # the quantiser selects nodes by name
@@ -123,23 +231,40 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, nodes: list[str] 
     chosen = large_products(model) if nodes is None else list(nodes)
     if not chosen:
         raise QuantizationError(f"{fp32_path}: no matrix product with a constant weight to quantise")
+    edge_nodes = per_edge_nodes(model) if calibration else []
     matmuls = gemms_as_matmuls(model, set(chosen))
     missing = sorted(set(chosen) - set(matmuls))
     if missing:
         raise QuantizationError(f"{fp32_path}: no such product node(s) {missing}")
-    with tempfile.TemporaryDirectory(prefix="momkd-int8-") as tmp:
-        rewritten = Path(tmp) / "matmuls.onnx"
+    with tempfile.TemporaryDirectory(prefix="momkd-int8-") as tmp, _quiet_quantizer():
+        rewritten, dynamic = Path(tmp) / "matmuls.onnx", Path(tmp) / "dynamic.onnx"
         onnx.save(model, str(rewritten))
         try:
-            quantize_dynamic(rewritten, Path(out_path), nodes_to_quantize=list(matmuls.values()),
-                             weight_type=QuantType.QInt8, per_channel=per_channel)
+            quantize_dynamic(rewritten, dynamic if edge_nodes else Path(out_path),
+                             nodes_to_quantize=list(matmuls.values()), weight_type=QuantType.QInt8,
+                             per_channel=per_channel)
+            if edge_nodes:
+                quantize_static(dynamic, Path(out_path), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=list(EDGE_OPS), nodes_to_quantize=edge_nodes,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False,
+                                calibrate_method=CalibrationMethod.MinMax,
+                                extra_options={"DedicatedQDQPair": True, "ForceQuantizeNoInputCheck": True})
         except Exception as e:  # noqa: BLE001 - the quantiser raises assorted types
             raise QuantizationError(f"{fp32_path}: onnxruntime {onnxruntime.__version__} cannot quantise the graph "
                                     f"({' '.join(str(e).split())[:240]})") from None
-    return {"method": "dynamic (onnxruntime.quantization.quantize_dynamic)", "weights": "int8, "
-            + ("per output channel" if per_channel else "per tensor"), "activations": "uint8, range per call",
-            "quantized_nodes": chosen, "kept_fp32": "memory head, classifier, per-edge GATv2 products, LayerNorm, "
-            "softmax, pooling", "calibration": None, "onnxruntime": onnxruntime.__version__}
+    static = None
+    if edge_nodes:
+        ops = sorted({n.op_type for n in model.graph.node if n.name in set(edge_nodes)})
+        static = {"nodes": len(edge_nodes), "ops": ops,
+                  "activations": "uint8, one MinMax range per tensor", "calibration_slides": len(calibration),
+                  "calibration_source": calibration_source}
+    return {"method": "dynamic (onnxruntime.quantization.quantize_dynamic)"
+            + (" + static QDQ on the per-edge attention (quantize_static)" if static else ""),
+            "weights": "int8, " + ("per output channel" if per_channel else "per tensor"),
+            "activations": "uint8, range per call", "quantized_nodes": chosen, "per_edge_static": static,
+            "kept_fp32": "memory head, classifier, LayerNorm, ELU, neighbour softmax, pooling"
+            + ("" if static else ", per-edge GATv2 products"),
+            "calibration": None if static is None else calibration_source, "onnxruntime": onnxruntime.__version__}
 
 
 def check_precisions(precisions: Sequence[str]) -> list[str]:
@@ -153,13 +278,45 @@ def check_precisions(precisions: Sequence[str]) -> list[str]:
     return wanted
 
 
+def calibration_slides(run_dir: Path, run: Any, gate_ids: set[str], verification_slides: Sequence[Any]
+                       ) -> tuple[list[Any], str]:
+    """Up to ``MAX_CALIBRATION_SLIDES`` of the exported folds' training slides (those that are no fold's gate
+    slide first), read and graphed; the export's verification slides where the cohort data is gone. Returns
+    (slides, where they came from)."""
+    from momkd.data.batch import load_graph_slide
+    from momkd.export.gates import fold_slides
+
+    items, _ = fold_slides(run_dir, run.config, run.folds, splits=("train",))
+    if not items:
+        return list(verification_slides)[:MAX_CALIBRATION_SLIDES], \
+            "the export's verification slides (cohort data not found)"
+    unseen = [i for i in items if i.slide_id not in gate_ids]
+    chosen = (unseen or items)[:: max(1, len(unseen or items) // MAX_CALIBRATION_SLIDES)][:MAX_CALIBRATION_SLIDES]
+    slides = []
+    for item in chosen:
+        if item.path is None:
+            continue
+        try:
+            slides.append(load_graph_slide(item.path, run.k, run.graph_direction, slide_id=item.slide_id,
+                                           expected_dim=run.feature_dim, keep_coords=False))
+        except SlideError:
+            continue
+    source = "training slides of the exported folds" + ("" if unseen else
+                                                       " (each is another fold's validation or test slide)")
+    if not slides:
+        return list(verification_slides)[:MAX_CALIBRATION_SLIDES], \
+            "the export's verification slides (no training slide could be read)"
+    return slides, source
+
+
 def add_reduced_graphs(work: Path, onnx_name: str, run: Any, run_dir: Path, manifest: dict[str, Any],
                        precisions: Sequence[str], limits: Any, force: bool, verification_slides: Sequence[Any],
                        say: Callable[[str], None]) -> list[str]:
     """Make every reduced precision of ``precisions`` (``"fp32"`` is the folder's own graph) from
-    ``work/onnx_name``, gate it on the run's fold validation and test slides (``momkd.export.gates``) and record
-    it in ``manifest["reduced_precision"]``. A graph that fails its gates is deleted unless ``force`` (then it is
-    kept and marked forced). Returns one line per precision that failed its gates."""
+    ``work/onnx_name``, calibrated on the run's training slides (:func:`calibration_slides`), gate it on the run's
+    fold validation and test slides (``momkd.export.gates``) and record it in ``manifest["reduced_precision"]``.
+    A graph that fails its gates is deleted unless ``force`` (then it is kept and marked forced). Returns one line
+    per precision that failed its gates."""
     from momkd.export.gates import GateLimits, fold_slides, gate_report, slide_probabilities, stand_in_slides
     from momkd.runtime.backends import OnnxRuntimeBackend
     from momkd.runtime.cpu import INT8_FLAGS
@@ -173,6 +330,8 @@ def add_reduced_graphs(work: Path, onnx_name: str, run: Any, run_dir: Path, mani
     if not items:
         items = stand_in_slides(verification_slides)
         source = "the export's verification slides (cohort data not found: no AUC)"
+    calibration, calibration_source = calibration_slides(run_dir, run, {i.slide_id for i in items},
+                                                         verification_slides)
     fp32 = OnnxRuntimeBackend(work / onnx_name, "cpu", feature_dim=run.feature_dim)
     section: dict[str, Any] = {}
     failures: list[str] = []
@@ -180,10 +339,13 @@ def add_reduced_graphs(work: Path, onnx_name: str, run: Any, run_dir: Path, mani
         for precision in wanted:
             path = work / REDUCED_NAMES[precision]
             t0 = time.perf_counter()
-            method = quantize_int8(work / onnx_name, path)
+            method = quantize_int8(work / onnx_name, path, calibration=calibration,
+                                   calibration_source=f"{len(calibration)} {calibration_source}")
             reduced = OnnxRuntimeBackend(path, "cpu", feature_dim=run.feature_dim)
-            say(f"{precision}: quantised {len(method['quantized_nodes'])} product(s) "
-                f"({time.perf_counter() - t0:.1f} s); gates on {len(items)} slide(s), {source}")
+            static = method["per_edge_static"]
+            say(f"{precision}: quantised {len(method['quantized_nodes'])} product(s)"
+                + (f" and {static['nodes']} per-edge node(s), calibrated on {method['calibration']}" if static else "")
+                + f" ({time.perf_counter() - t0:.1f} s); gates on {len(items)} slide(s), {source}")
             try:
                 ran, probs, skipped = slide_probabilities(items, [fp32.run, reduced.run], run.k, run.graph_direction,
                                                           run.feature_dim, say)

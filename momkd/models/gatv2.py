@@ -182,9 +182,15 @@ def _attend(
             torch.add(xj, xr.unsqueeze(1), out=r).relu_()
     # e = att . leaky_relu(xj + xr) = slope * (att.xj + att.xr) + (1 - slope) * att.relu(xj + xr)
     linear = (xl @ att_bd).index_select(0, flat).view(n, k, heads) + (xr @ att_bd).unsqueeze(1)
-    relu_part = (att_bd.t() @ r.view(n * k, hc).t()).t().view(n, k, heads)  # (this orientation reads r faster)
+    if pool is None:  # exported graphs: a plain product with a constant weight (quantisable, no transpose)
+        relu_part = (r.view(n * k, hc) @ att_bd).view(n, k, heads)
+    else:  # eager CPU inference: this orientation reads r faster
+        relu_part = (att_bd.t() @ r.view(n * k, hc).t()).t().view(n, k, heads)
     e = slope * linear + (1.0 - slope) * relu_part + mask
-    alpha = torch.softmax(e, dim=1)
+    if pool is None:  # exported graphs: softmax in (N, H, K) layout, the aggregation's input without a transpose
+        alpha = torch.softmax(e.transpose(1, 2), dim=2).transpose(1, 2)
+    else:
+        alpha = torch.softmax(e, dim=1)
     alpha_d = alpha if drop_scale is None else alpha * drop_scale
     out = torch.bmm(alpha_d.transpose(1, 2), xj)  # (N, H, HC): head h's weights applied to every channel
     if heads > 1:  # keep the diagonal blocks (head h's weights on head h's channels)
