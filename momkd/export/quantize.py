@@ -156,7 +156,7 @@ def _probe_shapes(model: Any, rows: int, width: int) -> dict[str, tuple[tuple[in
 def per_edge_nodes(model: Any) -> list[str]:
     """Names of the ``EDGE_OPS`` nodes that read or write a per-edge tensor: a float tensor with a row per
     neighbour slot (a leading dimension that is W x m or (W + 1) x m, self included, for the same m in two probes
-    of different W) and at
+    of different W) and a last (channel) dimension that does not change with W, of at
     least ``MIN_EDGE_CHANNELS`` channels. In the GATv2 attention: the gathered ``x_l[j]``, ``x_l[j] + x_r[i]``,
     its relu, the score product and the aggregation. Empty for a graph without neighbour attention."""
     (rows_a, width_a), (rows_b, width_b) = PROBES
@@ -166,7 +166,8 @@ def per_edge_nodes(model: Any) -> list[str]:
         if name not in first or name not in second:
             return False
         (shape_a, is_float), (shape_b, _) = first[name], second[name]
-        if not is_float or len(shape_a) < 2 or len(shape_a) != len(shape_b) or shape_a[-1] < MIN_EDGE_CHANNELS:
+        if (not is_float or len(shape_a) < 2 or len(shape_a) != len(shape_b) or shape_a[-1] != shape_b[-1]
+                or shape_a[-1] < MIN_EDGE_CHANNELS):   # channels last, the same whatever W
             return False
         return any(a % (width_a + c) == 0 and b % (width_b + c) == 0 and a // (width_a + c) == b // (width_b + c)
                    for a, b in zip(shape_a[:-1], shape_b[:-1]) for c in (0, 1))   # W slots, or W + self
