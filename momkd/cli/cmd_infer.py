@@ -28,7 +28,7 @@ def infer(
     backend: Annotated[BackendName, typer.Option(help="auto picks TensorRT > onnxruntime-CUDA > onnxruntime-CPU. torch runs the folder's TorchScript model.pt, which is code: only when named, for folders you trust.")] = "auto",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: the best available).")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also look for .h5 files in subfolders.")] = False,
-    batch_patches: Annotated[int, typer.Option(help="Row budget of one model call; slides are packed up to it, a larger slide runs alone.", min=1)] = 32_768,
+    batch_patches: Annotated[Optional[int], typer.Option(help="Row budget of one model call; slides are packed up to it, a larger slide runs alone (default: 4096 on the CPU, 32768 on a GPU).", min=1)] = None,
     workers: Annotated[int, typer.Option(help="Readers (read, validate, neighbour table) working ahead of the model.", min=1)] = 2,
     reader: Annotated[ReaderPool, typer.Option(help="Reader pool: threads, processes (reads scale with cores), or auto (processes when the model runs on a GPU).")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Keep the ok rows of an earlier run in --out (same model, unchanged file); redo the rest.")] = False,

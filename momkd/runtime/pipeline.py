@@ -49,7 +49,9 @@ from .reader import POOLS, ReaderConfig, SlideFailure, SlideReader, one_line, re
 from .results import (PREDICTIONS, ResultRow, ResultsError, ResultsWriter, file_stamp, read_predictions,
                       read_run_info, write_run_info)
 
-DEFAULT_BATCH_PATCHES = 32_768   # rows per pack: ~16k+ rows keep a CPU or GPU busy; 2 buffers = 400 MB at D=1536
+DEFAULT_BATCH_PATCHES = 32_768   # rows per pack on a GPU: ~16k+ rows keep it busy; 2 buffers = 400 MB at D=1536
+CPU_BATCH_PATCHES = 4_096       # on the CPU: a slide of a few thousand rows keeps the cores as busy as a pack, and
+                                # packing it would only add a copy that competes with the model for memory bandwidth
 DEFAULT_WORKERS = 2
 DEFAULT_SLIDE_TIMEOUT = 600.0    # seconds per slide, per stage (reader, model): far beyond any healthy slide
 RAMP = 3                         # first packs of 1/8, 1/4, 1/2 of the budget: compute starts early
@@ -106,8 +108,14 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
-def _check_options(batch_patches: int, workers: int, reader: str) -> None:
-    if batch_patches < 1:
+def default_batch_patches(device: str) -> int:
+    """The row budget of one backend call on ``device`` when the user names none: ``CPU_BATCH_PATCHES`` on the
+    CPU (slides above it run alone, in their own arrays: no copy), ``DEFAULT_BATCH_PATCHES`` elsewhere."""
+    return CPU_BATCH_PATCHES if device == "cpu" else DEFAULT_BATCH_PATCHES
+
+
+def _check_options(batch_patches: int | None, workers: int, reader: str) -> None:
+    if batch_patches is not None and batch_patches < 1:
         raise UsageError(f"--batch-patches must be >= 1, got {batch_patches}")
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
@@ -172,7 +180,7 @@ def _is_file(path: Path) -> bool:
 
 def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path, *, backend: str = "auto",
                   device: str | None = None, recursive: bool = False,
-                  batch_patches: int = DEFAULT_BATCH_PATCHES, workers: int = DEFAULT_WORKERS,
+                  batch_patches: int | None = None, workers: int = DEFAULT_WORKERS,
                   resume: bool = False, save_attention: bool = False, progress: ProgressFn | None = None,
                   log: Callable[[str], None] | None = None, threads: int | None = None,
                   reader: str = "auto", backend_obj: Backend | None = None,
@@ -183,7 +191,8 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
     """Predict every ``.h5`` slide file in ``folder`` with the model folder ``model_dir``; write ``out_dir``.
 
     ``backend``: auto | onnxruntime | tensorrt | torch; ``device``: None (best available) | cpu | cuda[:N];
-    ``batch_patches``: row budget of one backend call (a larger slide runs alone); ``workers``: readers;
+    ``batch_patches``: row budget of one backend call (a larger slide runs alone; None: ``default_batch_patches``
+    of the backend's device); ``workers``: readers;
     ``reader``: auto | threads | processes (auto: processes when the backend runs on a GPU, else threads);
     ``resume``: keep the ok rows of an earlier run in ``out_dir`` (same model, unchanged file) and do the rest;
     ``progress(done, total, ok, failed)`` and ``log(message)`` are called from the pipeline's threads, one call
@@ -239,7 +248,8 @@ def run_inference(model_dir: str | Path, folder: str | Path, out_dir: str | Path
                 be.close()
             raise
         run = InferenceRun([f for f in files if f.index not in kept], manifest, be, writer, out_p, painter, say,
-                           progress, total=len(files), n_kept=len(kept), batch_patches=batch_patches,
+                           progress, total=len(files), n_kept=len(kept),
+                           batch_patches=batch_patches or default_batch_patches(be.device),
                            workers=workers, save_attention=save_attention, pool=resolve_pool(reader, be.device),
                            slide_timeout=slide_timeout or None, allow_encoder_mismatch=allow_encoder_mismatch)
         setup_s = time.perf_counter() - t_setup
@@ -674,5 +684,6 @@ def _failure(entry: Any, code: str, message: str) -> SlideFailure:
 
 
 # re-exported for callers that only import the pipeline
-__all__ = ["run_inference", "InferenceSummary", "UsageError", "DEFAULT_BATCH_PATCHES", "DEFAULT_WORKERS",
+__all__ = ["run_inference", "InferenceSummary", "UsageError", "DEFAULT_BATCH_PATCHES", "CPU_BATCH_PATCHES",
+           "default_batch_patches", "DEFAULT_WORKERS",
            "DEFAULT_SLIDE_TIMEOUT"]
