@@ -160,6 +160,33 @@ def test_gemm_rewrite_is_exact(tmp_path: Path) -> None:
     np.testing.assert_allclose(y, x @ w.T + b, rtol=1e-5, atol=1e-5)
 
 
+def test_split_product_becomes_one_product_per_part() -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from momkd.export.quantize import split_products
+
+    rng = np.random.default_rng(2)
+    w, b = rng.standard_normal((6, 5)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="g", transB=1),
+             helper.make_node("Split", ["y", "sizes"], ["y0", "y1"], name="s", axis=1),
+             helper.make_node("Mul", ["y0", "y1"], ["out"], name="m")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+                               numpy_helper.from_array(np.array([3, 3], np.int64), "sizes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert split_products(model, {"g"}) == {"g": ["g__part0", "g__part1"]}
+    assert [n.op_type for n in model.graph.node] == ["Gemm", "Gemm", "Mul"]
+    onnx.checker.check_model(model)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-6, atol=1e-6)
+    assert split_products(model, {"m"}) == {}   # not a product feeding a split: left alone
+
+
 def test_int8_graph_is_quantised_and_close(tmp_path: Path) -> None:
     import onnx
 

@@ -8,7 +8,9 @@ int8 (``model.int8.onnx``) is made in two steps:
    each into ``DynamicQuantizeMatMul`` (MLAS int8 GEMM: VNNI / AMX where the CPU has them; ``momkd.runtime.cpu``).
    Chosen: the products whose constant weight has at least ``MIN_WEIGHT_FRACTION`` of the largest weight's
    elements (paper preset: the encoder and second GATv2 projections, 1179648 and 131072 elements, not the memory
-   head's 32768 or the classifier).
+   head's 32768 or the classifier). A product whose output is only split into parts (each GATv2 layer's one
+   product for ``lin_l``, ``lin_r`` and the residual) becomes one product per part (:func:`split_products`),
+   sharing one quantisation of the input: no copy of the product's output.
 2. **The per-edge GATv2 attention: static QDQ quantisation** (``quantize_static``, uint8 activations, one
    MinMax range per tensor calibrated on the run's own training slides): the gathered neighbour rows
    ``x_l[j]``, ``x_l[j] + x_r[i]`` and its relu, the score product and the aggregation. These are the graph's
@@ -88,6 +90,56 @@ def large_products(model: Any, min_weight_fraction: float = MIN_WEIGHT_FRACTION)
         candidates.append((node.name, sizes[node.input[1]]))
     largest = max((size for _, size in candidates), default=0)
     return [name for name, size in candidates if size >= min_weight_fraction * largest]
+
+
+def split_products(model: Any, names: set[str]) -> dict[str, list[str]]:
+    """Rewrite (in place) each plain ``Gemm`` named in ``names`` whose only consumer is a ``Split`` of its output
+    along the last axis with constant sizes (the GATv2 layers' one product for ``lin_l``, ``lin_r`` and the
+    residual) as one ``Gemm`` per part, writing the Split's outputs directly; returns {original name: names of the
+    parts}. The same products: each output column is computed from the same row and weight column. For int8 this
+    removes the Split's copy of the product (~10% of the int8 call at N = 20000); the parts share one dynamic
+    quantisation of their input."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    nodes, parts_of, replaced = [], {}, set()
+    for node in graph.node:
+        if node.name in replaced:
+            continue
+        users = consumers.get(node.output[0], []) if node.output else []
+        split = users[0] if len(users) == 1 else None
+        attrs = _attributes(node)
+        if (node.name not in names or node.op_type != "Gemm" or split is None or split.op_type != "Split"
+                or node.output[0] in graph_outputs or attrs.get("transB", 0) != 1 or len(split.input) < 2
+                or split.input[1] not in inits or _attributes(split).get("axis", 0) not in (1, -1)):
+            nodes.append(node)
+            continue
+        sizes = [int(v) for v in numpy_helper.to_array(inits[split.input[1]])]
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        bias = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
+        starts = np.cumsum([0, *sizes])
+        parts = []
+        for i, output in enumerate(split.output):
+            inputs = [node.input[0], f"{node.input[1]}__part{i}"]
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(weight[starts[i]:starts[i + 1]]), inputs[1]))
+            if bias is not None:
+                inputs.append(f"{node.input[2]}__part{i}")
+                graph.initializer.append(numpy_helper.from_array(
+                    np.ascontiguousarray(bias[starts[i]:starts[i + 1]]), inputs[2]))
+            parts.append(helper.make_node("Gemm", inputs, [output], name=f"{node.name}__part{i}", transB=1))
+        nodes.extend(parts)
+        parts_of[node.name] = [part.name for part in parts]
+        replaced.add(split.name)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return parts_of
 
 
 def gemms_as_matmuls(model: Any, names: set[str]) -> dict[str, str]:
@@ -233,8 +285,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, nodes: list[str] 
     if not chosen:
         raise QuantizationError(f"{fp32_path}: no matrix product with a constant weight to quantise")
     edge_nodes = per_edge_nodes(model) if calibration else []
-    matmuls = gemms_as_matmuls(model, set(chosen))
-    missing = sorted(set(chosen) - set(matmuls))
+    parts_of = split_products(model, set(chosen))
+    products = [part for name in chosen for part in parts_of.get(name, [name])]
+    matmuls = gemms_as_matmuls(model, set(products))
+    missing = sorted(set(products) - set(matmuls))
     if missing:
         raise QuantizationError(f"{fp32_path}: no such product node(s) {missing}")
     with tempfile.TemporaryDirectory(prefix="momkd-int8-") as tmp, _quiet_quantizer():
@@ -262,7 +316,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, nodes: list[str] 
     return {"method": "dynamic (onnxruntime.quantization.quantize_dynamic)"
             + (" + static QDQ on the per-edge attention (quantize_static)" if static else ""),
             "weights": "int8, " + ("per output channel" if per_channel else "per tensor"),
-            "activations": "uint8, range per call", "quantized_nodes": chosen, "per_edge_static": static,
+            "activations": "uint8, range per call", "quantized_nodes": chosen,
+            "split_products": {name: len(parts) for name, parts in parts_of.items()}, "per_edge_static": static,
             "kept_fp32": "memory head, classifier, LayerNorm, ELU, neighbour softmax, pooling"
             + ("" if static else ", per-edge GATv2 products"),
             "calibration": None if static is None else calibration_source, "onnxruntime": onnxruntime.__version__}
