@@ -384,6 +384,46 @@ def test_an_injected_bad_graph_fails_the_gates(tmp_path: Path) -> None:
     assert not report["passed"] and report["decision_flips"] == len(ran)
 
 
+def test_a_per_edge_graph_failing_its_gates_falls_back_to_fp32_attention(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 with the per-edge attention quantised is tried first; when it fails its gates (here: its probability
+    inverted), the graph that keeps the attention in fp32 is tried, gated and written; both attempts recorded."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    import momkd.export.quantize as quantize
+
+    real = quantize.quantize_int8
+
+    def per_edge_attempt_inverted(fp32_path: Path, out_path: Path, **kw: Any) -> dict[str, Any]:
+        method = real(fp32_path, out_path, **kw)
+        if method["per_edge_static"] is not None:   # the calibrated attempt: make it fail every decision
+            model = onnx.load(str(out_path))
+            for node in model.graph.node:
+                node.output[:] = [f"{o}__raw" if o == "probability" else o for o in node.output]
+            model.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "one__f"))
+            model.graph.node.append(helper.make_node("Sub", ["one__f", "probability__raw"], ["probability"]))
+            onnx.save(model, str(out_path))
+        return method
+
+    monkeypatch.setattr(quantize, "quantize_int8", per_edge_attempt_inverted)
+    lines: list[str] = []
+    model = tmp_path / "model"
+    build_toy_model_dir(model, feature_dim=DIM, hidden=HIDDEN)
+    run, config = cohort_run(tmp_path / "cohort")
+    manifest = dict(load_manifest(model).raw)
+    failures = quantize.add_reduced_graphs(model, "model.onnx", fake_run(config), run, manifest, ["int8"],
+                                           GateLimits(max_abs_dp=0.2), False, [], lines.append)
+    assert failures == []
+    section = manifest["reduced_precision"]["int8"]
+    first, second = section["attempts"]
+    assert first["per_edge_static"] and not first["passed"] and first["decision_flips"] > 0
+    assert not second["per_edge_static"] and second["passed"]
+    assert section["passed"] and section["file"] == INT8_NAME and section["method"]["per_edge_static"] is None
+    assert (model / INT8_NAME).is_file()
+    assert any("trying again with the per-edge attention kept in fp32" in line for line in lines)
+
+
 def test_manifest_refuses_a_bad_reduced_section(int8_model: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -371,8 +371,9 @@ def add_reduced_graphs(work: Path, onnx_name: str, run: Any, run_dir: Path, mani
     """Make every reduced precision of ``precisions`` (``"fp32"`` is the folder's own graph) from
     ``work/onnx_name``, calibrated on the run's training slides (:func:`calibration_slides`), gate it on the run's
     fold validation and test slides (``momkd.export.gates``) and record it in ``manifest["reduced_precision"]``.
-    A graph that fails its gates is deleted unless ``force`` (then it is kept and marked forced). Returns one line
-    per precision that failed its gates."""
+    int8 is tried with the per-edge attention quantised first and, if that fails its gates, with it kept in fp32
+    (every attempt recorded under ``attempts``). A graph that fails its gates is deleted unless ``force`` (then the
+    last attempt is kept and marked forced). Returns one line per precision that failed its gates."""
     from momkd.export.gates import GateLimits, fold_slides, gate_report, slide_probabilities, stand_in_slides
     from momkd.runtime.backends import OnnxRuntimeBackend
     from momkd.runtime.cpu import INT8_FLAGS
@@ -391,37 +392,57 @@ def add_reduced_graphs(work: Path, onnx_name: str, run: Any, run_dir: Path, mani
     fp32 = OnnxRuntimeBackend(work / onnx_name, "cpu", feature_dim=run.feature_dim)
     section: dict[str, Any] = {}
     failures: list[str] = []
+
+    def attempt(path: Path, calibrated: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Quantise (with the per-edge step when ``calibrated`` slides are given) and gate; (method, report)."""
+        t0 = time.perf_counter()
+        method = quantize_int8(work / onnx_name, path, calibration=calibrated,
+                               calibration_source=f"{len(calibrated)} {calibration_source}")
+        static = method["per_edge_static"]
+        say(f"int8: quantised {len(method['quantized_nodes'])} product(s)"
+            + (f" and {static['nodes']} per-edge node(s), calibrated on {method['calibration']}" if static else "")
+            + f" ({time.perf_counter() - t0:.1f} s); gates on {len(items)} slide(s), {source}")
+        reduced = OnnxRuntimeBackend(path, "cpu", feature_dim=run.feature_dim)
+        try:
+            ran, probs, skipped = slide_probabilities(items, [fp32.run, reduced.run], run.k, run.graph_direction,
+                                                      run.feature_dim, say)
+        finally:
+            reduced.close()
+        report = gate_report(ran, probs[:, 0], probs[:, 1], run.threshold, limits)
+        report.update({"source": source, "notes": notes + skipped})
+        dauc = report["max_abs_dauc"]
+        say(f"int8 gates {'passed' if report['passed'] else 'FAILED'}: max |dp| {report['max_abs_dp']:.2e}, "
+            f"{report['decision_flips']} flip(s), max |dAUC| {'n/a' if dauc is None else f'{dauc:.2e}'}"
+            + ("" if report["passed"] else f" ({'; '.join(report['failed'])})"))
+        return method, report
+
     try:
         for precision in wanted:
             path = work / REDUCED_NAMES[precision]
-            t0 = time.perf_counter()
-            method = quantize_int8(work / onnx_name, path, calibration=calibration,
-                                   calibration_source=f"{len(calibration)} {calibration_source}")
-            reduced = OnnxRuntimeBackend(path, "cpu", feature_dim=run.feature_dim)
-            static = method["per_edge_static"]
-            say(f"{precision}: quantised {len(method['quantized_nodes'])} product(s)"
-                + (f" and {static['nodes']} per-edge node(s), calibrated on {method['calibration']}" if static else "")
-                + f" ({time.perf_counter() - t0:.1f} s); gates on {len(items)} slide(s), {source}")
-            try:
-                ran, probs, skipped = slide_probabilities(items, [fp32.run, reduced.run], run.k, run.graph_direction,
-                                                          run.feature_dim, say)
-            finally:
-                reduced.close()
-            report = gate_report(ran, probs[:, 0], probs[:, 1], run.threshold, limits)
-            report.update({"source": source, "notes": notes + skipped})
+            # the fastest graph first (per-edge attention in uint8 too), then, if it fails its gates, the one that
+            # keeps the per-edge attention in fp32: the gates decide per model which layers stay fp32
+            tries: list[Sequence[Any]] = [calibration, ()] if calibration else [()]
+            attempts = []
+            for calibrated in tries:
+                method, report = attempt(path, calibrated)
+                attempts.append({"per_edge_static": method["per_edge_static"] is not None,
+                                 **{k: report[k] for k in ("passed", "max_abs_dp", "decision_flips", "max_abs_dauc")},
+                                 **({"failed": report["failed"]} if not report["passed"] else {})})
+                if report["passed"]:
+                    break
+                if calibrated:
+                    say("int8: trying again with the per-edge attention kept in fp32")
             passed = bool(report["passed"])
             if not passed and not force:
                 path.unlink(missing_ok=True)
-            dauc = report["max_abs_dauc"]
-            say(f"{precision} gates {'passed' if passed else 'FAILED'}: max |dp| {report['max_abs_dp']:.2e}, "
-                f"{report['decision_flips']} flip(s), max |dAUC| {'n/a' if dauc is None else f'{dauc:.2e}'}"
-                + ("" if passed else f" ({'; '.join(report['failed'])})")
-                + (" -- written anyway (--force-precision)" if not passed and force else ""))
             if not passed:
                 failures.append(f"{precision}: {'; '.join(report['failed'])}")
+                if force:
+                    say(f"{precision}: written anyway (--force-precision)")
             section[precision] = {"file": path.name if passed or force else None, "passed": passed,
                                   "forced": bool(force and not passed), "requires_isa": list(INT8_FLAGS),
-                                  "backend": "onnxruntime", "device": "cpu", "method": method, "gates": report}
+                                  "backend": "onnxruntime", "device": "cpu", "method": method, "gates": report,
+                                  "attempts": attempts}
     finally:
         fp32.close()
     manifest["reduced_precision"] = section
