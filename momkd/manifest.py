@@ -19,7 +19,8 @@ Schema (``format_version`` 1)::
       "torch": null | {"file": "model.pt"},
       "reduced_precision": null | {"int8": {"file": "model.int8.onnx" | null, "passed": true, "forced": false,
                                             "requires_isa": ["amx_int8", "avx512_vnni", "avx_vnni"],
-                                            "method": {...}, "gates": {...}, "attempts": [...]}},   # optional (momkd.export.gates)
+                                            "method": {...}, "gates": {...},
+                                            "attempts": [...]}},   # optional (momkd.export.gates)
       "verification": {...},
       "artifacts": {"model.onnx": "<sha256 hex>", ...}
     }

@@ -21,15 +21,19 @@ int8 (``model.int8.onnx``) is made in two steps:
 
 Kept fp32 (by measurement, paper preset, D_in 1536, N = 20000, ORT CPU, 2 threads): the memory head and the
 classifier (quantising them saved nothing measurable and cost 3x in |dp|), LayerNorm, ELU, the softmax over the
-neighbour slots and the attention pooling. Step by step on one host (``benchmarks/RESULTS.md``):
+neighbour slots and the attention pooling. Step by step on one VNNI host (``benchmarks/RESULTS.md``, wall time
+int8 / fp32 in one run, calls alternating):
 
 =====================================================  ==========  ============
 quantised (cumulative)                                  time/fp32   max |dp|
 =====================================================  ==========  ============
-encoder projection (N x 1536) @ (1536 x 768)            0.68        4.9e-05
-+ second GATv2 projection (N x 256) @ (256 x 512)       0.61        2.3e-04
-+ per-edge attention, static uint8 (calibrated)         see RESULTS  3.3e-04
+encoder and second GATv2 projections, dynamic int8      0.59        2.4e-04
++ per-edge attention, static uint8 (calibrated)         0.48        3.1e-04
++ split products as one product per part                0.48        2.9e-04
 =====================================================  ==========  ============
+
+A model whose int8 graph with the per-edge step fails its accuracy gates gets the one without it
+(:func:`add_reduced_graphs`); the gates decide per model.
 
 The exporter writes the linear layers as ``Gemm`` (transB=1); ORT's dynamic quantiser only handles ``MatMul``, so
 each chosen ``Gemm`` is first rewritten as ``MatMul`` + ``Add`` (the same product; exact in fp32).

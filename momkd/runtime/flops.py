@@ -8,7 +8,9 @@ own graph (every fold of an ensemble, the GATv2 attention products, the per-slid
 
 Operands that ONNX Runtime pre-packed (constant weights) are missing from the profile; the contraction length K
 is then read off the operand that is listed (see :func:`product_flops`). ``tests/test_bench.py`` checks the count
-against ``FlopCounterMode`` on the PyTorch model.
+against ``FlopCounterMode`` on the PyTorch model, plus the one product the graph has and the eager model does not:
+the exported attention permutes its slot scores with a 0/1 product (2 N ((k+1) H)^2 per GATv2 layer, 0.05% of
+the paper model's FLOPs).
 """
 
 from __future__ import annotations
