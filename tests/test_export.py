@@ -689,3 +689,54 @@ def test_export_of_a_trained_run_matches_evaluate(tmp_path: Path, make_bad_slide
     with (tmp_path / "pred" / "predictions.csv").open() as f:
         assert sorted(r["file"] for r in csv.DictReader(f)) == sorted(before)
     assert {p.name: p.read_bytes() for p in mixed.iterdir()} == before  # inputs untouched
+
+
+def test_work_folders_of_killed_exports_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    """A kill -9 leaves the hidden work folder beside the model folder; the next export to that name removes it,
+    but never the work folder of an export still running (it holds the folder's lock), nor another name's."""
+    import os
+
+    from momkd.export.folder import _lock_folder, remove_stale_work
+
+    out = tmp_path / "model[1]"   # glob characters in the name are taken literally
+    stale, live, other = (tmp_path / name for name in (".model[1].export-dead", ".model[1].export-live",
+                                                      ".model.export-x"))
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"partial")
+    fd = _lock_folder(live)
+    assert fd is not None
+    try:
+        lines: list[str] = []
+        assert remove_stale_work(out, lines.append) == [stale]
+        assert not stale.exists() and live.is_dir() and other.is_dir()
+        assert lines == [f"removed {stale} (left by an export that was killed)"]
+    finally:
+        os.close(fd)
+    assert remove_stale_work(out, lambda _m: None) == [live]   # its export ended without cleaning up
+
+
+@pytest.mark.slow
+def test_an_export_killed_mid_run_leaves_nothing_the_next_one_keeps(paper_run: Path, tmp_path: Path) -> None:
+    """`kill -9` of a real `momkd export` while it works: no model folder appears, and the next export to the same
+    --out removes the hidden work folder it left."""
+    import signal
+    import time
+
+    from momkd.testing.process import reaped
+
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-c", "from momkd.cli.main import app; app()", "export", str(paper_run), "--out", str(out)]
+    with reaped(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)) as proc:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".m.export-*/model.onnx")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the export ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    left = list(tmp_path.glob(".m.export-*"))
+    assert len(left) == 1 and not out.exists()
+    result = runner.invoke(app, ["export", str(paper_run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"removed {left[0]} (left by an export that was killed)" in " ".join(result.output.split())
+    assert not list(tmp_path.glob(".m.export-*")) and (out / "manifest.json").is_file()

@@ -14,6 +14,7 @@ so a failed export never leaves a half-written model folder behind.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -77,6 +78,47 @@ def _publishable(folder: Path) -> None:
             os.chmod(path, 0o666 & ~mask)
 
 
+WORK_INFIX = ".export-"   # the hidden work folder beside the model folder: ``.{name}.export-XXXXXXXX``
+
+
+def _lock_folder(path: Path) -> int | None:
+    """A non-blocking exclusive ``flock`` on the folder ``path`` itself (it follows the folder through renames and
+    leaves no file behind): the open descriptor, or ``None`` when another process holds it or this system or
+    filesystem has no flock."""
+    try:
+        import fcntl
+    except ImportError:   # not POSIX
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:       # held by a live export (BlockingIOError), or no locks here (ENOLCK, EOPNOTSUPP, ...)
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_work(out_dir: Path, say: Callable[[str], None]) -> list[Path]:
+    """Remove the hidden work folders that killed exports to ``out_dir`` left beside it (``kill -9``, power loss):
+    those whose folder lock (:func:`_lock_folder`, held by every export for its whole run) can be taken. A live
+    export's folder is never touched. Returns the folders removed."""
+    removed = []
+    for work in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}{WORK_INFIX}*")):
+        fd = _lock_folder(work) if work.is_dir() and not work.is_symlink() else None
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(work, ignore_errors=True)
+        finally:
+            os.close(fd)
+        removed.append(work)
+        say(f"removed {work} (left by an export that was killed)")
+    return removed
+
+
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -132,7 +174,9 @@ def export_run(
     say(f"loaded {len(run.models)} fold model(s) {run.folds} from {run_dir} "
         f"({run.model_config.get('model', 'momkd')}, {run.preset} preset, k={run.k}, {run.graph_direction} graph)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    remove_stale_work(out_dir, say)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{WORK_INFIX}", dir=out_dir.parent))
+    work_lock = _lock_folder(work)   # held until the folder is published or removed: see remove_stale_work
     try:
         io, graph_report = _write_graphs(work, run, fp16, opset, say)
         slides, verification = _verify(work, run, run_dir, fp16, max_slides, max_rows, say)
@@ -143,7 +187,7 @@ def export_run(
         write_manifest(work, manifest)
         _publishable(work)
         if out_dir.exists():   # moved aside in one rename: a kill never leaves a half-deleted model folder
-            replaced = work.with_name(work.name.replace(".export-", ".replaced-", 1))
+            replaced = work.with_name(work.name.replace(WORK_INFIX, ".replaced-", 1))
             out_dir.rename(replaced)
             work.rename(out_dir)
             shutil.rmtree(replaced, ignore_errors=True)
@@ -152,6 +196,9 @@ def export_run(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        if work_lock is not None:
+            os.close(work_lock)
     say(f"wrote {out_dir} ({time.perf_counter() - t0:.1f} s)")
     if fmt == "trt":
         _add_tensorrt(out_dir, run, run.ensemble(), slides, fp16, profile, say)
