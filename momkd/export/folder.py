@@ -78,7 +78,9 @@ def _publishable(folder: Path) -> None:
             os.chmod(path, 0o666 & ~mask)
 
 
-WORK_INFIX = ".export-"   # the hidden work folder beside the model folder: ``.{name}.export-XXXXXXXX``
+# The hidden folders beside the model folder NAME: ``.NAME.export-<tempfile's random suffix>`` while an export
+# writes, ``.NAME.replaced-<the same suffix>`` for the old folder during the final swap.
+WORK_INFIX, REPLACED_INFIX = ".export-", ".replaced-"
 
 
 def _lock_folder(path: Path) -> int | None:
@@ -187,7 +189,7 @@ def export_run(
         write_manifest(work, manifest)
         _publishable(work)
         if out_dir.exists():   # moved aside in one rename: a kill never leaves a half-deleted model folder
-            replaced = work.with_name(work.name.replace(WORK_INFIX, ".replaced-", 1))
+            replaced = work.with_name(work.name.replace(WORK_INFIX, REPLACED_INFIX, 1))
             out_dir.rename(replaced)
             work.rename(out_dir)
             shutil.rmtree(replaced, ignore_errors=True)

@@ -249,7 +249,9 @@ def _quiet_quantizer() -> Iterator[None]:
 
 
 class _Calibration:
-    """``onnxruntime.quantization.CalibrationDataReader`` over slides: one slide per call."""
+    """Calibration data over slides, one slide per ``get_next`` call (``None`` at the end): all that
+    ``quantize_static`` calls, and what makes an ``onnxruntime.quantization.CalibrationDataReader`` (its
+    ``__subclasshook__``)."""
 
     def __init__(self, slides: Sequence[Any]) -> None:
         self._slides = iter(slides)
@@ -260,15 +262,6 @@ class _Calibration:
             return None
         return {"features": slide.features, "neighbors": slide.neighbors,
                 "slide_offsets": np.array([0, slide.n], np.int64)}
-
-    def __iter__(self) -> Any:   # the reader protocol of onnxruntime.quantization
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        feeds = self.get_next()
-        if feeds is None:
-            raise StopIteration
-        return feeds
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, nodes: list[str] | None = None,
@@ -313,7 +306,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, nodes: list[str] 
                                     f"({' '.join(str(e).split())[:240]})") from None
     static = None
     if edge_nodes:
-        ops = sorted({n.op_type for n in model.graph.node if n.name in set(edge_nodes)})
+        edge_set = set(edge_nodes)
+        ops = sorted({n.op_type for n in model.graph.node if n.name in edge_set})
         static = {"nodes": len(edge_nodes), "ops": ops,
                   "activations": "uint8, one MinMax range per tensor", "calibration_slides": len(calibration),
                   "calibration_source": calibration_source}
@@ -375,9 +369,10 @@ def add_reduced_graphs(work: Path, onnx_name: str, run: Any, run_dir: Path, mani
     """Make every reduced precision of ``precisions`` (``"fp32"`` is the folder's own graph) from
     ``work/onnx_name``, calibrated on the run's training slides (:func:`calibration_slides`), gate it on the run's
     fold validation and test slides (``momkd.export.gates``) and record it in ``manifest["reduced_precision"]``.
-    int8 is tried with the per-edge attention quantised first and, if that fails its gates, with it kept in fp32
-    (every attempt recorded under ``attempts``). A graph that fails its gates is deleted unless ``force`` (then the
-    last attempt is kept and marked forced). Returns one line per precision that failed its gates."""
+    int8 is made with the per-edge attention quantised and with it kept in fp32; both run on every gate slide in one
+    pass (each slide read and run through fp32 once) and the first that passes is written (the attempts up to it
+    recorded under ``attempts``). A graph that fails its gates is deleted unless ``force`` (then the last candidate
+    is kept and marked forced). Returns one line per precision that failed its gates."""
     from momkd.export.gates import GateLimits, fold_slides, gate_report, slide_probabilities, stand_in_slides
     from momkd.runtime.backends import OnnxRuntimeBackend
     from momkd.runtime.cpu import INT8_FLAGS
@@ -393,61 +388,60 @@ def add_reduced_graphs(work: Path, onnx_name: str, run: Any, run_dir: Path, mani
         source = "the export's verification slides (cohort data not found: no AUC)"
     calibration, calibration_source = calibration_slides(run_dir, run, {i.slide_id for i in items},
                                                          verification_slides)
-    fp32 = OnnxRuntimeBackend(work / onnx_name, "cpu", feature_dim=run.feature_dim)
     section: dict[str, Any] = {}
     failures: list[str] = []
-
-    def attempt(path: Path, calibrated: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Quantise (with the per-edge step when ``calibrated`` slides are given) and gate; (method, report)."""
-        t0 = time.perf_counter()
-        method = quantize_int8(work / onnx_name, path, calibration=calibrated,
-                               calibration_source=f"{len(calibrated)} {calibration_source}")
-        static = method["per_edge_static"]
-        say(f"int8: quantised {len(method['quantized_nodes'])} product(s)"
-            + (f" and {static['nodes']} per-edge node(s), calibrated on {method['calibration']}" if static else "")
-            + f" ({time.perf_counter() - t0:.1f} s); gates on {len(items)} slide(s), {source}")
-        reduced = OnnxRuntimeBackend(path, "cpu", feature_dim=run.feature_dim)
+    for precision in wanted:
+        path = work / REDUCED_NAMES[precision]
+        # candidates, fastest first: the per-edge attention in uint8 too, then kept in fp32; each gate slide is read
+        # and run through fp32 once, through every candidate alongside, and the first that passes is written
+        tries: list[Sequence[Any]] = [calibration, ()] if calibration else [()]
+        graphs = [path.with_name(f".{path.stem}.candidate{i}{path.suffix}") for i in range(len(tries))]
+        methods = []
+        for graph, calibrated in zip(graphs, tries):
+            t0 = time.perf_counter()
+            method = quantize_int8(work / onnx_name, graph, calibration=calibrated,
+                                   calibration_source=f"{len(calibrated)} {calibration_source}")
+            static = method["per_edge_static"]
+            say(f"{precision}: quantised {len(method['quantized_nodes'])} product(s)"
+                + (f" and {static['nodes']} per-edge node(s), calibrated on {method['calibration']}" if static
+                   else "") + f" ({time.perf_counter() - t0:.1f} s)")
+            methods.append(method)
+        say(f"{precision}: gates on {len(items)} slide(s), {source}")
+        backends = [OnnxRuntimeBackend(g, "cpu", feature_dim=run.feature_dim) for g in [work / onnx_name, *graphs]]
         try:
-            ran, probs, skipped = slide_probabilities(items, [fp32.run, reduced.run], run.k, run.graph_direction,
+            ran, probs, skipped = slide_probabilities(items, [b.run for b in backends], run.k, run.graph_direction,
                                                       run.feature_dim, say)
         finally:
-            reduced.close()
-        report = gate_report(ran, probs[:, 0], probs[:, 1], run.threshold, limits)
-        report.update({"source": source, "notes": notes + skipped})
-        dauc = report["max_abs_dauc"]
-        say(f"int8 gates {'passed' if report['passed'] else 'FAILED'}: max |dp| {report['max_abs_dp']:.2e}, "
-            f"{report['decision_flips']} flip(s), max |dAUC| {'n/a' if dauc is None else f'{dauc:.2e}'}"
-            + ("" if report["passed"] else f" ({'; '.join(report['failed'])})"))
-        return method, report
-
-    try:
-        for precision in wanted:
-            path = work / REDUCED_NAMES[precision]
-            # the fastest graph first (per-edge attention in uint8 too), then, if it fails its gates, the one that
-            # keeps the per-edge attention in fp32: the gates decide per model which layers stay fp32
-            tries: list[Sequence[Any]] = [calibration, ()] if calibration else [()]
-            attempts = []
-            for calibrated in tries:
-                method, report = attempt(path, calibrated)
-                attempts.append({"per_edge_static": method["per_edge_static"] is not None,
-                                 **{k: report[k] for k in ("passed", "max_abs_dp", "decision_flips", "max_abs_dauc")},
-                                 **({"failed": report["failed"]} if not report["passed"] else {})})
-                if report["passed"]:
-                    break
-                if calibrated:
-                    say("int8: trying again with the per-edge attention kept in fp32")
-            passed = bool(report["passed"])
-            if not passed and not force:
-                path.unlink(missing_ok=True)
-            if not passed:
-                failures.append(f"{precision}: {'; '.join(report['failed'])}")
-                if force:
-                    say(f"{precision}: written anyway (--force-precision)")
-            section[precision] = {"file": path.name if passed or force else None, "passed": passed,
-                                  "forced": bool(force and not passed), "requires_isa": list(INT8_FLAGS),
-                                  "backend": "onnxruntime", "device": "cpu", "method": method, "gates": report,
-                                  "attempts": attempts}
-    finally:
-        fp32.close()
+            for backend in backends:
+                backend.close()
+        attempts = []
+        for i, method in enumerate(methods):
+            report = gate_report(ran, probs[:, 0], probs[:, i + 1], run.threshold, limits)
+            report.update({"source": source, "notes": notes + skipped})
+            dauc = report["max_abs_dauc"]
+            say(f"{precision} gates {'passed' if report['passed'] else 'FAILED'}: max |dp| "
+                f"{report['max_abs_dp']:.2e}, {report['decision_flips']} flip(s), max |dAUC| "
+                f"{'n/a' if dauc is None else f'{dauc:.2e}'}"
+                + ("" if report["passed"] else f" ({'; '.join(report['failed'])})"))
+            attempts.append({"per_edge_static": method["per_edge_static"] is not None,
+                             **{k: report[k] for k in ("passed", "max_abs_dp", "decision_flips", "max_abs_dauc")},
+                             **({"failed": report["failed"]} if not report["passed"] else {})})
+            if report["passed"] or i == len(methods) - 1:
+                break
+            say(f"{precision}: trying again with the per-edge attention kept in fp32")
+        graphs[i].replace(path)
+        for graph in graphs:
+            graph.unlink(missing_ok=True)
+        passed = bool(report["passed"])
+        if not passed and not force:
+            path.unlink(missing_ok=True)
+        if not passed:
+            failures.append(f"{precision}: {'; '.join(report['failed'])}")
+            if force:
+                say(f"{precision}: written anyway (--force-precision)")
+        section[precision] = {"file": path.name if passed or force else None, "passed": passed,
+                              "forced": bool(force and not passed), "requires_isa": list(INT8_FLAGS),
+                              "backend": "onnxruntime", "device": "cpu", "method": method, "gates": report,
+                              "attempts": attempts}
     manifest["reduced_precision"] = section
     return [] if force else failures
