@@ -11,10 +11,9 @@ Compare the two rows of one run; the machine is recorded in ``extra_info``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
-
-import time
 
 import h5py
 import numpy as np

@@ -188,18 +188,17 @@ def _attend(
             torch.add(xj, xr.unsqueeze(1), out=r).relu_()
     # e = att . leaky_relu(xj + xr) = slope * (att.xj + att.xr) + (1 - slope) * att.relu(xj + xr)
     linear = (xl @ att_bd).index_select(0, flat).view(n, k, heads) + (xr @ att_bd).unsqueeze(1)
-    if pool is None:  # exported graphs: a plain product with a constant weight (quantisable, no transpose)
-        relu_part = (r.view(n * k, hc) @ att_bd).view(n, k, heads)
-    else:  # eager CPU inference: this orientation reads r faster
-        relu_part = (att_bd.t() @ r.view(n * k, hc).t()).t().view(n, k, heads)
     if pool is None:
-        # exported graphs: the softmax in (N, H, K) layout, so that the aggregation's (quantisable) input needs no
-        # transpose. The scores are permuted by a product with a 0/1 matrix (exact for finite values; ONNX
-        # Runtime's Transpose of this shape is ~40x slower), the -inf padding mask added after.
+        # exported graphs: the score product with a constant weight (quantisable, no transposed operand), and the
+        # softmax in (N, H, K) layout, so that the aggregation's (quantisable) input needs no transpose. The scores
+        # are permuted by a product with a 0/1 matrix (exact for finite values; ONNX Runtime's Transpose of this
+        # shape is ~40x slower), the -inf padding mask added after.
+        relu_part = (r.view(n * k, hc) @ att_bd).view(n, k, heads)
         scores = (slope * linear + (1.0 - slope) * relu_part).reshape(n, k * heads)
         e_t = (scores @ _transposer(k, heads, scores)).view(n, heads, k) + mask.view(n, 1, k)
         alpha = torch.softmax(e_t, dim=2).transpose(1, 2)
-    else:
+    else:  # eager CPU inference: this orientation of the score product reads r faster
+        relu_part = (att_bd.t() @ r.view(n * k, hc).t()).t().view(n, k, heads)
         alpha = torch.softmax(slope * linear + (1.0 - slope) * relu_part + mask, dim=1)
     alpha_d = alpha if drop_scale is None else alpha * drop_scale
     out = torch.bmm(alpha_d.transpose(1, 2), xj)  # (N, H, HC): head h's weights applied to every channel
